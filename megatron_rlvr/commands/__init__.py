@@ -1,0 +1,1 @@
+"""Subcommands of the `megatron-rlvr` CLI, one module each (see cli.SUBCOMMANDS)."""
