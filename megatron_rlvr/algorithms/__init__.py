@@ -1,0 +1,37 @@
+"""RLVR algorithms: advantage estimators and policy losses registered by name, KL regularisation, DAPO pieces.
+
+    from megatron_rlvr.algorithms import compute_advantages, get_policy_loss
+    adv, ret = compute_advantages("grpo", token_rewards, mask, group_ids=uids)
+    loss, stats = get_policy_loss("ppo")(logp, old_logp, adv, mask, clip_high=0.28)
+"""
+
+from .advantages import compute_advantages
+from .dapo import DynamicSamplingBuffer, informative_group_mask, overlong_reward_penalty
+from .kl import AdaptiveKLController, FixedKLController, kl_loss, kl_reward_penalty, make_kl_controller
+from .losses import clipped_value_loss, ppo_policy_loss, truncated_is_weight
+from .masked import LOSS_AGG_MODES, aggregate_loss, masked_mean, masked_sum, masked_whiten
+from .registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, get_advantage_estimator, get_policy_loss
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "POLICY_LOSSES",
+    "LOSS_AGG_MODES",
+    "AdaptiveKLController",
+    "DynamicSamplingBuffer",
+    "FixedKLController",
+    "aggregate_loss",
+    "clipped_value_loss",
+    "compute_advantages",
+    "get_advantage_estimator",
+    "get_policy_loss",
+    "informative_group_mask",
+    "kl_loss",
+    "kl_reward_penalty",
+    "make_kl_controller",
+    "masked_mean",
+    "masked_sum",
+    "masked_whiten",
+    "overlong_reward_penalty",
+    "ppo_policy_loss",
+    "truncated_is_weight",
+]
