@@ -82,7 +82,10 @@ def grpo_advantages(token_level_rewards, response_mask, *, group_ids: GroupIds, 
     scores = _outcome_scores(token_level_rewards, response_mask)
     mean, std, _ = group_mean_std(scores, group_ids, min_group_size=2)
     centred = scores - mean
-    seq_adv = centred / (std + eps) if norm_by_std else centred
+    seq_adv = centred
+    if norm_by_std:
+        # all-equal groups have centred == 0 exactly; keep them 0 whatever eps is
+        seq_adv = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
     advantages = _per_token(seq_adv, response_mask)
     return advantages, advantages
 
