@@ -1,0 +1,102 @@
+"""Core attention for megatron-core layer specs: `torch.nn.functional.scaled_dot_product_attention`.
+
+Plugged in as the `core_attention` submodule of megatron-core's `SelfAttention` spec. It takes megatron's
+`[s, b, heads, head_dim]` layout, lets SDPA pick its fused kernel (flash / memory-efficient on GPU), handles
+grouped-query attention without materialising repeated keys, and supports packed sequences: with
+`packed_seq_params` (cu_seqlens of the packed sequences) attention is causal within each sequence and never
+crosses a sequence boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+
+def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Boolean `[total, total]` mask, True where attention is allowed: causal and inside one sequence.
+
+    `cu_seqlens` are the cumulative sequence starts `[0, len0, len0+len1, ...]`; positions past the last
+    sequence (padding of the packed buffer) attend only to themselves so SDPA never sees an empty row.
+    """
+    positions = torch.arange(total, device=cu_seqlens.device)
+    seq_id = torch.searchsorted(cu_seqlens[1:], positions, right=True)
+    same = seq_id[:, None] == seq_id[None, :]
+    causal = positions[:, None] >= positions[None, :]
+    return (same & causal) | torch.eye(total, dtype=torch.bool, device=cu_seqlens.device)
+
+
+class SDPAttention(MegatronModule):
+    """Causal self-attention through SDPA, a drop-in `core_attention` for megatron-core's SelfAttention."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not support context parallelism (context_parallel_size must be 1)")
+        if pg_collection is None:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp_size = pg_collection.tp.size()
+        self.heads = divide(config.num_attention_heads, tp_size)
+        self.groups = divide(config.num_query_groups, tp_size)
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        """query `[sq, b, heads, d]`, key/value `[sk, b, groups, d]` -> context `[sq, b, heads*d]`.
+
+        `attention_mask`, when given, is megatron's boolean mask (True = masked out), broadcastable to
+        `[b, heads, sq, sk]`; without it attention is causal.
+        """
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not take an attention bias")
+        # packed sequences arrive as [t, 1, heads, d] (THD); SDPA wants [b, heads, s, d]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        mask = None
+        causal = True
+        if packed_seq_params is not None:
+            mask = packed_causal_mask(packed_seq_params.cu_seqlens_q, q.shape[2])
+            causal = False
+        elif attention_mask is not None:
+            mask = ~attention_mask
+            causal = False
+        context = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+            scale=self.softmax_scale,
+            enable_gqa=self.heads != self.groups,
+        )
+        sq, b = query.shape[0], query.shape[1]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)

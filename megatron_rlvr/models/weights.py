@@ -1,0 +1,93 @@
+"""Moving weights between HF state dicts and a built (TP/PP-sharded) megatron model on the calling rank."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_rlvr.models import hf_mapping
+from megatron_rlvr.models.llama import LlamaArch
+
+TIED_OUTPUT = "output_layer.weight"
+
+
+def read_hf_state(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a HF safetensors directory (single file or sharded with an index)."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files (expected a HuggingFace model directory)")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    return state
+
+
+def _full_name(local: str, arch: LlamaArch, pg: ProcessGroupCollection) -> str:
+    name = hf_mapping.global_name(local, arch, pg.pp.size(), pg.pp.rank())
+    # a tied model's last PP stage holds a copy of the embedding as its output layer
+    if name == TIED_OUTPUT and arch.tie_word_embeddings:
+        return "embedding.word_embeddings.weight"
+    return name
+
+
+@torch.no_grad()
+def load_hf_into_model(
+    model: torch.nn.Module, hf: dict[str, torch.Tensor], arch: LlamaArch, pg: ProcessGroupCollection
+) -> None:
+    """Copy HF tensors into this rank's shard of `model` (exact: a copy, no arithmetic)."""
+    padded = unwrap(model).vocab_size
+    tp, tp_rank = pg.tp.size(), pg.tp.rank()
+    for local, param in unwrap(model).named_parameters():
+        name = _full_name(local, arch, pg)
+        full = hf_mapping.hf_to_mcore_full(name, hf, arch, padded)
+        part = hf_mapping.shard(name, full, tp, tp_rank)
+        if part.shape != param.shape:
+            raise ValueError(f"parameter {local}: shard shape {list(part.shape)} != model shape {list(param.shape)}")
+        param.copy_(part)
+
+
+@torch.no_grad()
+def gather_full_state(model: torch.nn.Module, arch: LlamaArch, pg: ProcessGroupCollection) -> dict[str, torch.Tensor]:
+    """This PP stage's parameters as megatron full tensors (TP shards all-gathered), keyed by global name.
+
+    Collective over the TP group; every TP rank gets the result.
+    """
+    tp = pg.tp.size()
+    out: dict[str, torch.Tensor] = {}
+    for local, param in unwrap(model).named_parameters():
+        name = _full_name(local, arch, pg)
+        if tp == 1:
+            full = param.detach().clone()
+        else:
+            shards = [torch.empty_like(param) for _ in range(tp)]
+            dist.all_gather(shards, param.detach().contiguous(), group=pg.tp)
+            full = hf_mapping.unshard(name, shards)
+        if local == TIED_OUTPUT and arch.tie_word_embeddings:
+            continue  # the embedding (first stage) is the source of truth for a tied model
+        out[name] = full
+    return out
+
+
+def full_state_to_hf(full: dict[str, torch.Tensor], arch: LlamaArch) -> dict[str, torch.Tensor]:
+    hf: dict[str, torch.Tensor] = {}
+    for name, tensor in full.items():
+        hf.update(hf_mapping.mcore_full_to_hf(name, tensor, arch))
+    return hf
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

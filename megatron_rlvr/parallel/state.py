@@ -1,0 +1,89 @@
+"""Where tensor, pipeline and data parallelism are set up: one place, in a fixed order.
+
+1. `init_distributed()` binds the process to its device and joins the torchrun world (NCCL on GPU, gloo on CPU).
+2. `init_model_parallel(tp, pp, ...)` builds megatron-core's TP x PP x DP groups over the training ranks and
+   seeds the model-parallel RNG tracker; it returns the explicit `ProcessGroupCollection` that models, DDP, the
+   optimizer and the pipeline schedule are given (nothing downstream reaches for global groups on its own).
+
+Group order follows megatron-core: TP varies fastest, then DP, then PP, so a TP group is a block of adjacent
+ranks (one node's NVLink island on a GPU cluster).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_rlvr.platform import current_platform
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelDims:
+    """The training layout: world = tp * pp * dp."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    @classmethod
+    def for_world(cls, world_size: int, tp: int = 1, pp: int = 1) -> "ParallelDims":
+        if tp < 1 or pp < 1 or world_size % (tp * pp):
+            fits = [(t, p) for t in range(1, world_size + 1) for p in range(1, world_size + 1) if world_size % (t * p) == 0]
+            raise ValueError(
+                f"{world_size} training ranks cannot be split as tensor_parallel={tp} x pipeline_parallel={pp} x "
+                f"data_parallel; (tp, pp) pairs that fit: {fits}"
+            )
+        return cls(tp=tp, pp=pp, dp=world_size // (tp * pp))
+
+
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
+    """Join the torchrun world (idempotent); returns (rank, world_size)."""
+    platform = current_platform()
+    platform.activate()
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"torch.distributed environment variable(s) {', '.join(missing)} are not set: launch with torchrun "
+                "(e.g. `torchrun --nproc-per-node 2 -m megatron_rlvr.cli train ...`)"
+            )
+        platform.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(platform.dist_backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234) -> ProcessGroupCollection:
+    """Build the TP x PP x DP groups of megatron-core over the world and seed the model-parallel RNG."""
+    current_platform().activate()
+    dims = ParallelDims.for_world(dist.get_world_size(), tp, pp)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def destroy_model_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+def seed_everything(seed: int) -> None:
+    """Same base seed on every rank; model-parallel regions get their offsets from megatron's RNG tracker."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,136 @@
+"""Device and collective-backend choice, and the CPU compatibility layer for megatron-core.
+
+Every device difference of the engine lives here, behind one small interface (`Platform`), in the manner of
+vLLM's `vllm/platforms`: the rest of the engine asks `current_platform()` for its device, its collective backend
+and its synchronisation, and never branches on CUDA itself.
+
+megatron-core assumes CUDA in a handful of places: `torch.cuda.current_device()` passed as a device, tensor
+factories with `device="cuda"`, `Tensor.cuda()`, and the CUDA RNG-state calls of its RNG tracker. On a machine
+without a GPU (tests, CPU runs) `CpuPlatform.activate()` redirects exactly those, once, for the whole process:
+a `TorchFunctionMode` maps CUDA device arguments to the CPU, and the RNG tracker is pointed at the CPU generator.
+Nothing is redirected when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+class Platform:
+    """What the engine needs to know about the device it runs on."""
+
+    name: str = "abstract"
+    device_type: str = "cpu"
+    dist_backend: str = "gloo"
+
+    def device(self, local_rank: int | None = None) -> torch.device:
+        raise NotImplementedError
+
+    def set_device(self, local_rank: int) -> None:
+        """Bind this process to its device (before any process group or model is built)."""
+
+    def activate(self) -> None:
+        """Make megatron-core usable on this device; idempotent."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing)."""
+
+    def max_memory_allocated(self) -> int:
+        return 0
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory window."""
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    device_type = "cuda"
+    dist_backend = "nccl"
+
+    def device(self, local_rank: int | None = None) -> torch.device:
+        if local_rank is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", local_rank)
+
+    def set_device(self, local_rank: int) -> None:
+        torch.cuda.set_device(local_rank)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def max_memory_allocated(self) -> int:
+        return torch.cuda.max_memory_allocated()
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # megatron-core passes `torch.cuda.current_device()`, an int, as a device
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of torch calls to the CPU (active only on CpuPlatform)."""
+
+    _TO_METHODS = (torch.Tensor.to, torch.Tensor.cuda)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device_type = "cpu"
+    dist_backend = "gloo"
+    _mode: _CudaToCpuMode | None = None
+
+    def device(self, local_rank: int | None = None) -> torch.device:
+        return torch.device("cpu")
+
+    def activate(self) -> None:
+        if CpuPlatform._mode is not None:
+            return
+        # A mode entered and never exited stays on the (thread-local) mode stack for the process's lifetime.
+        CpuPlatform._mode = _CudaToCpuMode()
+        CpuPlatform._mode.__enter__()
+        torch.cuda.current_device = lambda: 0
+        # megatron-core's RNG tracker keeps per-region CUDA generator states; on CPU the CPU generator plays
+        # that role, so forking a region (dropout under TP) swaps CPU generator states exactly as on a GPU.
+        torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+        torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+        from megatron.core.tensor_parallel import random as mcore_random
+
+        mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+        mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    def max_memory_allocated(self) -> int:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@functools.lru_cache(maxsize=1)
+def current_platform() -> Platform:
+    """CUDA when a GPU is visible (and MEGATRON_RLVR_DEVICE is not `cpu`), else the CPU."""
+    forced = os.environ.get("MEGATRON_RLVR_DEVICE", "").lower()
+    if forced not in ("", "cpu", "cuda"):
+        raise ValueError(f"MEGATRON_RLVR_DEVICE={forced!r}: expected 'cpu' or 'cuda'")
+    if forced == "cuda" or (forced == "" and torch.cuda.is_available()):
+        return CudaPlatform()
+    return CpuPlatform()
