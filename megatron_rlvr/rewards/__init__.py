@@ -1,0 +1,27 @@
+"""Verifiable rewards: verifiers by open-instruct dataset name, the process pool that bounds their time, and
+reward shaping.
+
+- `verify(dataset, prediction, ground_truth) -> float` in [0, 1]: one response, through a shared pool.
+- `RewardPool(workers, timeout).score(records)`: batches of `(dataset, prediction, ground_truth)`.
+- `RewardConfig` + `shape_rewards`: verified score -> training reward (scale, truncation penalty, format bonus).
+- `register_verifier("name")`: add a dataset; `run_verifier`: call one in-process with no time limit.
+"""
+
+from megatron_rlvr.rewards import gsm8k, ifeval, math_answers  # noqa: F401 - registers the verifiers
+from megatron_rlvr.rewards.pool import DEFAULT_TIMEOUT_S, RewardPool, configure_default_pool, default_pool, verify
+from megatron_rlvr.rewards.registry import RecordError, known_datasets, register_verifier, run_verifier
+from megatron_rlvr.rewards.shaping import RewardConfig, shape_rewards
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "RecordError",
+    "RewardConfig",
+    "RewardPool",
+    "configure_default_pool",
+    "default_pool",
+    "known_datasets",
+    "register_verifier",
+    "run_verifier",
+    "shape_rewards",
+    "verify",
+]
