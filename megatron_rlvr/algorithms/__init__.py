@@ -9,7 +9,7 @@ from .advantages import compute_advantages
 from .dapo import DynamicSamplingBuffer, informative_group_mask, overlong_reward_penalty
 from .kl import AdaptiveKLController, FixedKLController, kl_loss, kl_reward_penalty, make_kl_controller
 from .losses import clipped_value_loss, ppo_policy_loss, truncated_is_weight
-from .masked import LOSS_AGG_MODES, aggregate_loss, masked_mean, masked_sum, masked_whiten
+from .masked import LOSS_AGG_MODES, aggregate_loss, loss_denominator, masked_mean, masked_sum, masked_whiten
 from .registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, get_advantage_estimator, get_policy_loss
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "informative_group_mask",
     "kl_loss",
     "kl_reward_penalty",
+    "loss_denominator",
     "make_kl_controller",
     "masked_mean",
     "masked_sum",

@@ -140,15 +140,16 @@ def reinforce_plus_plus_baseline_advantages(token_level_rewards, response_mask, 
 def compute_advantages(name: str, token_level_rewards, response_mask, **inputs):
     """Run the estimator registered as `name`, passing it only the `inputs` its signature names.
 
-    The trainer can hand every estimator the same inputs (values, group_ids, gamma, lam, ...); a required one
-    that is missing raises a ValueError naming it.
+    The trainer can hand every estimator the same inputs (values, group_ids, gamma, lam, ...); a None input
+    counts as not given (so an estimator default applies), and a required one that is missing raises a
+    ValueError naming it.
     """
     fn = get_advantage_estimator(name)
     params = inspect.signature(fn).parameters
-    accepted = {k: v for k, v in inputs.items() if k in params}
+    accepted = {k: v for k, v in inputs.items() if k in params and v is not None}
     missing = [
         p.name for p in params.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty and p.name not in inputs
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty and p.name not in accepted
     ]
     if missing:
         raise ValueError(f"advantage estimator {name!r} needs {', '.join(missing)}, which the caller did not pass")

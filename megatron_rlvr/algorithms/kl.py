@@ -49,14 +49,16 @@ def kl_loss(
     *,
     kind: str = "k3",
     loss_agg_mode: str = "token-mean",
+    loss_denominator=None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """KL as a loss term (GRPO: k3, added as beta * kl_loss to the policy loss):
 
-        L = aggregate_loss(k_kind(logp, ref_logp), mask, loss_agg_mode), differentiable w.r.t. logp.
+        L = aggregate_loss(k_kind(logp, ref_logp), mask, loss_agg_mode, denominator=loss_denominator),
+    differentiable w.r.t. logp.
     """
     mask = response_mask.to(log_prob.dtype)
     kl = _kl_estimate(log_prob, ref_log_prob, kind)
-    loss = aggregate_loss(kl, mask, loss_agg_mode)
+    loss = aggregate_loss(kl, mask, loss_agg_mode, denominator=loss_denominator)
     return loss, {"kl": masked_mean(kl.detach(), mask)}
 
 

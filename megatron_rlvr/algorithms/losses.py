@@ -38,6 +38,7 @@ def ppo_policy_loss(
     tis_cap: Optional[float] = None,
     loss_agg_mode: str = "token-mean",
     norm_constant: Optional[float] = None,
+    loss_denominator=None,
 ) -> Tuple[torch.Tensor, Stats]:
     """PPO clipped surrogate with DAPO's decoupled clip range, optional dual-clip and truncated IS.
 
@@ -46,7 +47,8 @@ def ppo_policy_loss(
         L_t   = min(L_t, -A_t * clip_c)   where A_t < 0, when clip_c is set (dual-clip, Ye et al., 2020; c > 1)
         L_t   = w_t * L_t                 when tis_cap is set, w_t = truncated_is_weight(old_logp, rollout_logp, C)
 
-    and the token losses are reduced by `aggregate_loss(L, mask, loss_agg_mode, norm_constant)`.
+    and the token losses are reduced by `aggregate_loss(L, mask, loss_agg_mode, norm_constant, loss_denominator)`
+    (`loss_denominator`: the global batch's normaliser when the batch is split into micro-batches or ranks).
     Stats: `pg_clipfrac` (tokens where the clip is active), `pg_clipfrac_lower` (dual clip active),
     `ppo_kl` (mean of old_logp - logp, the k1 estimate of KL(old || new)), and with TIS `tis_weight_mean` and
     `tis_clipfrac` (tokens whose weight hit the cap).
@@ -73,7 +75,7 @@ def ppo_policy_loss(
         stats["tis_weight_mean"] = masked_mean(weight, mask)
         stats["tis_clipfrac"] = masked_mean((weight >= tis_cap).to(mask.dtype), mask)
     stats["ppo_kl"] = masked_mean(-log_ratio, mask).detach()
-    loss = aggregate_loss(token_loss, mask, loss_agg_mode, norm_constant)
+    loss = aggregate_loss(token_loss, mask, loss_agg_mode, norm_constant, loss_denominator)
     return loss, stats
 
 
@@ -86,18 +88,19 @@ def clipped_value_loss(
     clip_range: float = 0.2,
     loss_agg_mode: str = "token-mean",
     norm_constant: Optional[float] = None,
+    loss_denominator=None,
 ) -> Tuple[torch.Tensor, Stats]:
     """PPO clipped value loss:
 
         V^clip_t = old_V_t + clip(V_t - old_V_t, -eps, eps)
         L_t      = 1/2 * max((V_t - R_t)^2, (V^clip_t - R_t)^2)
 
-    reduced by `aggregate_loss`. Stats: `vf_clipfrac` (tokens where the clipped term is the larger).
+    reduced by `aggregate_loss` (see `ppo_policy_loss` for the last three arguments). Stats: `vf_clipfrac` (tokens where the clipped term is the larger).
     """
     mask = response_mask.to(values.dtype)
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped_sq = (values - returns) ** 2
     clipped_sq = (clipped_values - returns) ** 2
     token_loss = 0.5 * torch.maximum(unclipped_sq, clipped_sq)
-    loss = aggregate_loss(token_loss, mask, loss_agg_mode, norm_constant)
+    loss = aggregate_loss(token_loss, mask, loss_agg_mode, norm_constant, loss_denominator)
     return loss, {"vf_clipfrac": masked_mean((clipped_sq > unclipped_sq).to(mask.dtype), mask).detach()}

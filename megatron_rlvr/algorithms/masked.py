@@ -79,8 +79,33 @@ def group_mean_std(
     return mean[index], std[index], counts[index]
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss aggregation mode {mode!r}; known: {', '.join(LOSS_AGG_MODES)}")
+
+
+def loss_denominator(mask: torch.Tensor, mode: str = "token-mean", norm_constant: Optional[float] = None):
+    """The normaliser `aggregate_loss` divides by for this batch: the token count (`token-mean`), the count of
+    non-empty sequences (`seq-mean-token-mean`) or B * C (`seq-mean-token-sum-norm`).
+
+    Sum it over micro-batches and data-parallel ranks and pass the total as `aggregate_loss(denominator=...)` so
+    that the summed gradients equal those of one aggregate over the whole global batch.
+    """
+    _check_mode(mode)
+    if mode == "token-mean":
+        return mask.sum()
+    if mode == "seq-mean-token-mean":
+        return (mask.sum(-1) > 0).sum()
+    constant = mask.shape[-1] if norm_constant is None else norm_constant
+    return torch.as_tensor(mask.shape[0] * constant, dtype=mask.dtype, device=mask.device)
+
+
 def aggregate_loss(
-    loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm_constant: Optional[float] = None
+    loss_mat: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    norm_constant: Optional[float] = None,
+    denominator=None,
 ) -> torch.Tensor:
     """Reduce a per-token loss `[B, T]` to a scalar.
 
@@ -88,15 +113,18 @@ def aggregate_loss(
     - `seq-mean-token-mean`: (1/B') sum_i [sum_t L_it m_it / sum_t m_it] over the B' sequences with at least one
       token (every sequence weighs the same; the original GRPO).
     - `seq-mean-token-sum-norm`: (1/B) sum_i sum_t L_it m_it / C with a constant C (`norm_constant`, default T, the
-      padded response length), so no length-dependent normaliser biases the gradient (Dr.GRPO).
+      padded response length; pass the configured maximum response length so C does not depend on padding), so
+      no length-dependent normaliser biases the gradient (Dr.GRPO).
+
+    `denominator` replaces the batch's own `loss_denominator(mask, mode, norm_constant)`, typically by its sum
+    over the micro-batches and data-parallel ranks of a global batch.
     """
-    if mode == "token-mean":
-        return masked_mean(loss_mat, mask)
+    if denominator is None:
+        denominator = loss_denominator(mask, mode, norm_constant)
+    else:
+        _check_mode(mode)
     if mode == "seq-mean-token-mean":
-        tokens = mask.sum(-1)
-        per_seq = masked_sum(loss_mat, mask, -1) / tokens.clamp(min=1)
-        return per_seq.sum() / (tokens > 0).sum().clamp(min=1)
-    if mode == "seq-mean-token-sum-norm":
-        constant = loss_mat.shape[-1] if norm_constant is None else norm_constant
-        return masked_sum(loss_mat, mask) / (loss_mat.shape[0] * constant)
-    raise ValueError(f"unknown loss aggregation mode {mode!r}; known: {', '.join(LOSS_AGG_MODES)}")
+        numerator = (masked_sum(loss_mat, mask, -1) / mask.sum(-1).clamp(min=1)).sum()
+    else:
+        numerator = masked_sum(loss_mat, mask)
+    return numerator / torch.as_tensor(denominator).clamp(min=1e-12)

@@ -126,6 +126,6 @@ def test_registry_and_inputs_errors():
     with pytest.raises(ValueError, match="unknown advantage estimator 'ppo2'; known: dr_grpo, gae, grpo"):
         get_advantage_estimator("ppo2")
     with pytest.raises(ValueError, match="'gae' needs values"):
-        compute_advantages("gae", REWARDS, MASK, gamma=1.0)
+        compute_advantages("gae", REWARDS, MASK, values=None, gamma=1.0)
     with pytest.raises(ValueError, match="5 entries but the batch has 2"):
         compute_advantages("grpo", REWARDS, MASK, group_ids=GROUP_IDS)

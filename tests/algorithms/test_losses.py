@@ -150,3 +150,26 @@ def test_policy_loss_registry_and_errors():
         ppo_policy_loss(LOGP, OLD, ADV, MASK, tis_cap=2.0)
     with pytest.raises(ValueError, match="unknown loss aggregation mode 'mean'; known: token-mean"):
         aggregate_loss(ADV, MASK, "mean")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_with_global_denominator_match_the_full_batch(mode):
+    """Split 4 sequences into micro-batches of 1 and 3: with the summed denominator, the summed losses and
+    gradients equal those of the whole batch (what data-parallel / micro-batched training needs)."""
+    from megatron_rlvr.algorithms import loss_denominator
+
+    gen = torch.Generator().manual_seed(3)
+    old = -torch.rand(4, 6, generator=gen, dtype=D)
+    adv = torch.randn(4, 6, generator=gen, dtype=D)
+    mask = (torch.arange(6) < torch.tensor([6, 2, 4, 1])[:, None]).to(D)
+    logp = (old + 0.3 * torch.randn(4, 6, generator=gen, dtype=D)).requires_grad_(True)
+    cfg = dict(clip_c=3.0, loss_agg_mode=mode, norm_constant=8.0)
+
+    full, _ = ppo_policy_loss(logp, old, adv, mask, **cfg)
+    (full_grad,) = torch.autograd.grad(full, logp)
+    parts = [slice(0, 1), slice(1, 4)]
+    total = sum(loss_denominator(mask[s], mode, 8.0) for s in parts)
+    split = sum(ppo_policy_loss(logp[s], old[s], adv[s], mask[s], loss_denominator=total, **cfg)[0] for s in parts)
+    (split_grad,) = torch.autograd.grad(split, logp)
+    torch.testing.assert_close(split, full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(split_grad, full_grad, rtol=1e-12, atol=1e-12)
