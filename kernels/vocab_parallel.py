@@ -65,8 +65,12 @@ def combine_row_stats(
     """
     if shard.group is None:
         return stats[0], stats[1], stats[2]
-    gathered = torch.empty((shard.world_size, *stats.shape), dtype=stats.dtype, device=stats.device)
-    dist.all_gather_into_tensor(gathered, stats.contiguous(), group=shard.group)
+    # gloo only takes the flat [world * rows, ...] output layout (NCCL takes a stacked one too).
+    flat = torch.empty((shard.world_size * stats.shape[0], *stats.shape[1:]), dtype=stats.dtype, device=stats.device)
+    # torch 2.13 deprecates all_gather_into_tensor in favour of the same call named all_gather_single.
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    all_gather(flat, stats.contiguous(), group=shard.group)
+    gathered = flat.view(shard.world_size, *stats.shape)
     m, s0, s1, z_y = gathered.unbind(1)
     m_max = m.amax(dim=0)
     weight = torch.exp(m - m_max)

@@ -1,0 +1,158 @@
+"""Vocab-parallel kernels on real TP=2 and TP=4 process groups (gloo, CPU tensors through the Triton
+interpreter): every rank must get the full-vocab values, its shard's gradient, and the communication must
+be one all-gather forward and nothing backward (plus the dhidden all-reduce of the linear variant)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_rlvr.kernels import fused_policy_loss, linear_token_logprobs, token_logprobs
+from megatron_rlvr.testing.distributed import run_workers
+
+from .reference import assert_close, random_logits, ref_logprobs_entropy
+from .test_policy_loss import unfused_policy_loss
+
+ALL_GATHER = ["all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"]
+COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "reduce_scatter_tensor",
+               "all_to_all_single", "reduce", "gather", "scatter")
+N_TOKENS, HIDDEN = 8, 12
+TEMPERATURE = 0.8
+POLICY_KWARGS = dict(clip_low=0.2, clip_high=0.3, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01,
+                     temperature=TEMPERATURE)
+
+
+def _log_collectives() -> list[str]:
+    """Record the name of every torch.distributed collective called from now on in this process."""
+    calls: list[str] = []
+    for name in COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def logged(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, logged)
+    return calls
+
+
+def make_problem(seed, vocab, dtype):
+    """The same full-vocab problem on every rank (and in the parent) from one seed."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = random_logits((N_TOKENS, vocab), dtype, "cpu", gen)
+    labels = torch.randint(0, vocab, (N_TOKENS,), generator=gen)
+    hidden = torch.randn(N_TOKENS, HIDDEN, generator=gen, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(vocab, HIDDEN, generator=gen, dtype=torch.float64) * 0.6).to(dtype)
+    shape = (N_TOKENS,)
+    old_logp = -torch.rand(shape, generator=gen) * 6
+    ref_logp = -torch.rand(shape, generator=gen) * 6
+    advantages = torch.randn(shape, generator=gen)
+    mask = torch.rand(shape, generator=gen) > 0.25
+    upstream = torch.randn(3, N_TOKENS, generator=gen, dtype=torch.float64)
+    return logits, labels, hidden, weight, (old_logp, ref_logp, advantages, mask), upstream
+
+
+def _edge_labels(labels, vocab_local, world_size, valid_vocab):
+    """Put labels on both sides of every shard boundary, at the last valid id and on an ignored id."""
+    labels = labels.clone()
+    edges = [r * vocab_local + d for r in range(1, world_size) for d in (-1, 0)] + [valid_vocab - 1, -100]
+    labels[: len(edges)] = torch.tensor(edges)
+    return labels.clamp(max=valid_vocab - 1).where(labels >= 0, labels)
+
+
+def tp_worker(rank, world_size, seed, vocab_local, valid_vocab, dtype):
+    vocab = vocab_local * world_size
+    logits, labels, hidden, weight, policy_inputs, upstream = make_problem(seed, vocab, dtype)
+    labels = _edge_labels(labels, vocab_local, world_size, valid_vocab)
+    cols = slice(rank * vocab_local, (rank + 1) * vocab_local)
+    group = dist.group.WORLD
+    calls = _log_collectives()
+    out = {}
+
+    leaf = logits[:, cols].clone().requires_grad_()
+    logp, ent = token_logprobs(leaf, labels, temperature=TEMPERATURE, group=group, return_entropy=True,
+                               valid_vocab_size=valid_vocab)
+    out["calls_forward"] = list(calls)
+    calls.clear()
+    (logp.double() * upstream[0] + ent.double() * upstream[1]).sum().backward()
+    out["calls_backward"] = list(calls)
+    calls.clear()
+    out.update(logp=logp, ent=ent, grad=leaf.grad)
+
+    leaf = logits[:, cols].clone().requires_grad_()
+    loss, _ = fused_policy_loss(leaf, labels.clamp(min=0), *policy_inputs, group=group,
+                                valid_vocab_size=valid_vocab, **POLICY_KWARGS)
+    (loss.double() * upstream[2]).sum().backward()
+    out.update(policy_loss=loss.detach(), policy_grad=leaf.grad)
+    calls.clear()
+
+    h, w = hidden.clone().requires_grad_(), weight[cols].clone().requires_grad_()
+    lin_logp, lin_ent = linear_token_logprobs(h, w, labels, temperature=TEMPERATURE, group=group,
+                                              return_entropy=True, valid_vocab_size=valid_vocab,
+                                              workspace_bytes=3 * vocab_local * h.element_size())
+    out["linear_calls_forward"] = list(calls)
+    calls.clear()
+    (lin_logp.double() * upstream[0] + lin_ent.double() * upstream[1]).sum().backward()
+    out["linear_calls_backward"] = list(calls)
+    out.update(linear_logp=lin_logp.detach(), linear_ent=lin_ent.detach(), dhidden=h.grad, dweight=w.grad)
+    return out
+
+
+@pytest.mark.parametrize(
+    "world_size,vocab_local,valid_vocab,dtype",
+    [
+        (2, 70, 140, torch.float32),
+        (2, 65, 123, torch.bfloat16),
+        (4, 40, 115, torch.float32),  # the last rank's shard is all padding
+    ],
+)
+def test_vocab_parallel_matches_full_vocab(world_size, vocab_local, valid_vocab, dtype):
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {seed}")
+    results = run_workers(tp_worker, world_size, seed, vocab_local, valid_vocab, dtype, timeout=180,
+                          env={"TRITON_INTERPRET": "1"})
+    logits, labels, hidden, weight, policy_inputs, upstream = make_problem(seed, vocab_local * world_size, dtype)
+    labels = _edge_labels(labels, vocab_local, world_size, valid_vocab)
+
+    for rank, out in enumerate(results):
+        assert out["calls_forward"] == ALL_GATHER, out["calls_forward"]
+        assert out["calls_backward"] == [], out["calls_backward"]
+        assert out["linear_calls_forward"] == ALL_GATHER, out["linear_calls_forward"]
+        assert out["linear_calls_backward"] == ["all_reduce"], out["linear_calls_backward"]
+
+    ref_leaf = logits.double().requires_grad_()
+    ref_logp, ref_ent = ref_logprobs_entropy(ref_leaf, labels, TEMPERATURE, valid_vocab)
+    (ref_logp * upstream[0] + ref_ent * upstream[1]).sum().backward()
+    for rank, out in enumerate(results):
+        assert_close(out["logp"], ref_logp, dtype, f"rank {rank} log-probs")
+        assert_close(out["ent"], ref_ent, dtype, f"rank {rank} entropy")
+    assert_close(torch.cat([out["grad"] for out in results], dim=1), ref_leaf.grad, dtype, "dlogits")
+
+    ref_leaf = logits.double().masked_fill(torch.arange(logits.shape[1]) >= valid_vocab, float("-inf"))
+    ref_leaf.requires_grad_()
+    mask = policy_inputs[3]
+    ref_loss, _ = unfused_policy_loss(ref_leaf, labels.clamp(min=0), *policy_inputs[:2],
+                                      policy_inputs[2].double(), mask.double(), **POLICY_KWARGS)
+    (ref_loss * upstream[2]).sum().backward()
+    for rank, out in enumerate(results):
+        assert_close(out["policy_loss"], ref_loss, dtype, f"rank {rank} policy loss")
+    policy_grad = torch.cat([out["policy_grad"] for out in results], dim=1)
+    assert (policy_grad[:, valid_vocab:] == 0).all()
+    assert_close(policy_grad[:, :valid_vocab], ref_leaf.grad[:, :valid_vocab], dtype, "policy dlogits")
+
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref_logits = h64 @ w64.t()
+    if dtype != torch.float32:
+        ref_logits = ref_logits.to(dtype).double()
+    ref_logp, ref_ent = ref_logprobs_entropy(ref_logits, labels, TEMPERATURE, valid_vocab)
+    (ref_logp * upstream[0] + ref_ent * upstream[1]).sum().backward()
+    for rank, out in enumerate(results):
+        assert_close(out["linear_logp"], ref_logp, dtype, f"rank {rank} linear log-probs")
+        assert_close(out["linear_ent"], ref_ent, dtype, f"rank {rank} linear entropy")
+        assert_close(out["dhidden"], h64.grad, dtype, f"rank {rank} dhidden")
+    assert_close(torch.cat([out["dweight"] for out in results]), w64.grad, dtype, "dweight")
