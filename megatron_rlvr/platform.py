@@ -110,6 +110,7 @@ class CpuPlatform(Platform):
         CpuPlatform._mode = _CudaToCpuMode()
         CpuPlatform._mode.__enter__()
         torch.cuda.current_device = lambda: 0
+        torch.cuda.synchronize = lambda device=None: None  # p2p shape exchange of the pipeline schedule
         # megatron-core's RNG tracker keeps per-region CUDA generator states; on CPU the CPU generator plays
         # that role, so forking a region (dropout under TP) swaps CPU generator states exactly as on a GPU.
         torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()

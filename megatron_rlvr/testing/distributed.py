@@ -9,6 +9,7 @@ re-raises with that rank's traceback, so a hung collective never stalls the suit
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -39,7 +40,9 @@ def _worker(fn, rank, world_size, port, env, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # plain pickle copies tensors by value; the queue's own pickler would share their memory, which
+        # vanishes when this process exits before the parent has read it
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - the traceback travels to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -80,7 +83,7 @@ def run_workers(
                 ) from err
             if not ok:
                 raise RuntimeError(f"{fn.__name__} failed on rank {rank}:\n{payload}")
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for proc in procs:
             proc.join(timeout=30 if len(results) == world_size else 1)

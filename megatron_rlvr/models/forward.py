@@ -1,0 +1,143 @@
+"""Per-token log-probs and losses through megatron-core's forward-backward schedule (any TP x PP x DP).
+
+Sequences are right-padded `[B, S]` token batches. Token t's log-prob is log p(tokens[t+1] | tokens[:t+1]),
+so a batch yields `[B, S-1]` log-probs aligned with `tokens[:, 1:]`. The vocab-parallel logits of the last
+pipeline stage (`[b, s, V/TP]`, never gathered) go straight into the fused `token_logprobs` kernel.
+
+`forward_backward` takes a `loss_fn(logprobs, entropy, micro_batch) -> (loss, stats)` whose `loss` is the
+micro-batch's share of the GLOBAL loss (e.g. a sum of per-token terms already divided by the global token
+count). The rescaling for megatron-core's micro-batch averaging and data-parallel gradient averaging happens
+here, once, so gradients are those of the global loss whatever the TP/PP/DP layout and micro-batching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_rlvr.models.weights import unwrap
+from megatron_rlvr.platform import current_platform
+
+LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], "MicroBatch"], tuple[torch.Tensor, dict]]
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """One micro-batch: right-padded tokens `[b, s]` and per-token tensors aligned with `tokens[:, 1:]`."""
+
+    tokens: torch.Tensor
+    fields: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tokens[:, 1:]
+
+
+def split_micro_batches(
+    tokens: torch.Tensor, micro_batch_size: int, fields: dict[str, torch.Tensor] | None = None,
+    lengths: torch.Tensor | None = None,
+) -> list[MicroBatch]:
+    """Cut a batch into micro-batches, trimming each to its longest sequence (less padding to compute)."""
+    fields = fields or {}
+    out = []
+    for start in range(0, tokens.shape[0], micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        width = tokens.shape[1] if lengths is None else int(lengths[sl].max())
+        out.append(MicroBatch(tokens[sl, :width], {k: v[sl, : width - 1] for k, v in fields.items()}))
+    return out
+
+
+def _logits_to_logprobs(logits, labels, tp_group, valid_vocab, temperature, want_entropy):
+    from megatron_rlvr.kernels import token_logprobs
+
+    shape = labels.shape
+    result = token_logprobs(
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        temperature=temperature,
+        group=tp_group if tp_group.size() > 1 else None,
+        return_entropy=want_entropy,
+        valid_vocab_size=valid_vocab,
+    )
+    if want_entropy:
+        return result[0].view(shape), result[1].view(shape)
+    return result.view(shape), None
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    micro_batches: list[MicroBatch],
+    pg: ProcessGroupCollection,
+    *,
+    valid_vocab_size: int,
+    loss_fn: LossFn | None = None,
+    forward_only: bool = False,
+    temperature: float = 1.0,
+    want_entropy: bool = False,
+    value_model: bool = False,
+) -> list[dict]:
+    """Run the schedule over `micro_batches`; returns, on the last PP stage, one dict per micro-batch.
+
+    Without `loss_fn` (forward only) each dict holds `logprobs` `[b, s-1]` (or `values` `[b, s-1]` for a value
+    model). With it, the dicts are the `stats` returned by `loss_fn`, and gradients are accumulated into the
+    model (call the optimizer afterwards). Other PP stages get an empty list.
+    """
+    num_mb = len(micro_batches)
+    dp = pg.dp.size()
+    last_stage = pg.pp.rank() == pg.pp.size() - 1
+
+    def loss_func(mb: MicroBatch, output: torch.Tensor):
+        if value_model:
+            values = output[:, :-1, 0].float()
+            if loss_fn is None:
+                return values.sum() * 0, torch.tensor(1), {"values": values.detach()}
+            loss, stats = loss_fn(values, None, mb)
+        else:
+            logprobs, entropy = _logits_to_logprobs(
+                output[:, :-1], mb.labels, pg.tp, valid_vocab_size, temperature, want_entropy or loss_fn is None
+            )
+            if loss_fn is None:
+                return logprobs.sum() * 0, torch.tensor(1), {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
+            loss, stats = loss_fn(logprobs, entropy, mb)
+        # megatron divides by the micro-batch count and DDP averages over DP ranks: undo both so the gradient
+        # is that of the global loss the loss_fn contributions add up to
+        return loss * (num_mb * dp), torch.tensor(1), stats
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        b, s = mb.tokens.shape
+        position_ids = torch.arange(s, device=mb.tokens.device).unsqueeze(0).expand(b, s)
+        output = model(mb.tokens, position_ids, None)
+        return output, lambda out, mb=mb: loss_func(mb, out)
+
+    schedule = get_forward_backward_func(pp_size=pg.pp.size())
+    max_len = max(mb.tokens.shape[1] for mb in micro_batches)
+    results = schedule(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=model,
+        num_microbatches=num_mb,
+        seq_length=max_len,
+        micro_batch_size=max(mb.tokens.shape[0] for mb in micro_batches),
+        forward_only=forward_only or loss_fn is None,
+        pg_collection=pg,
+        p2p_communicator=P2PCommunicator(pp_group=pg.pp, config=unwrap(model).config),
+    )
+    return list(results) if last_stage else []
+
+
+def broadcast_from_last_stage(tensor: torch.Tensor | None, shape, dtype, pg: ProcessGroupCollection) -> torch.Tensor:
+    """Give every PP stage the last stage's tensor (e.g. log-probs needed by all ranks of a DP replica)."""
+    if pg.pp.size() == 1:
+        return tensor
+    src = dist.get_global_rank(pg.pp, pg.pp.size() - 1)
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype, device=current_platform().device())
+    dist.broadcast(tensor, src=src, group=pg.pp)
+    return tensor

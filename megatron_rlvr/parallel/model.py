@@ -1,0 +1,66 @@
+"""Where a built model becomes trainable: data-parallel wrapping, the distributed optimizer, gradient hooks.
+
+Tensor and pipeline parallelism are decided when the model is built (`models.llama.build_llama` under the
+`ProcessGroupCollection` of `parallel.state.init_model_parallel`); data parallelism, the (optionally
+distributed) optimizer and megatron-core's gradient finalisation are applied here, in this order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Adam settings of one trained model (policy or value)."""
+
+    lr: float = 1e-6
+    """peak learning rate"""
+    weight_decay: float = 0.0
+    """decoupled weight decay"""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """global gradient-norm clip (0 disables)"""
+    use_distributed_optimizer: bool = False
+    """shard optimizer state over the data-parallel group (megatron-core's distributed optimizer)"""
+
+
+def make_trainable(
+    model: torch.nn.Module, pg: ProcessGroupCollection, optim: OptimConfig
+) -> tuple[DistributedDataParallel, object]:
+    """Wrap `model` in megatron-core DDP and build its optimizer; gradients reduce in fp32."""
+    config = model.config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model, pg_collection=pg)
+    # the pipeline schedule calls these: skip DP grad sync until the last micro-batch, then finalise grads
+    # (DP all-reduce, sequence-parallel norm grads over TP, tied embedding grads over the embedding group)
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=pg)
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [ddp], pg_collection=pg)
+    return ddp, optimizer
