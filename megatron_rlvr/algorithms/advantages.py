@@ -20,14 +20,17 @@ def _reverse_scan(x: torch.Tensor, mask: torch.Tensor, discount: float) -> torch
 
     Masked-out positions carry y_next(t) through, so a token the policy did not produce (padding, or text spliced
     into the response) neither receives credit nor breaks the recursion between the tokens around it.
+    The step is written as y_t = y_{t+1} + m_t * (x_t + (discount - 1) * y_{t+1}) over time-major rows, two
+    kernels per position, because the loop over T is launch-bound on a GPU.
     """
-    out = torch.empty_like(x)
-    running = torch.zeros_like(x[:, 0])
-    for t in reversed(range(x.shape[1])):
-        m = mask[:, t]
-        running = m * (x[:, t] + discount * running) + (1 - m) * running
-        out[:, t] = running
-    return out
+    x_t = x.t().contiguous()
+    mask_t = mask.t().to(x.dtype).contiguous()
+    out = torch.empty_like(x_t)
+    running = torch.zeros_like(x_t[0])
+    for t in reversed(range(x_t.shape[0])):
+        step = torch.add(x_t[t], running, alpha=discount - 1.0)
+        running = torch.addcmul(running, mask_t[t], step, out=out[t])
+    return out.t()
 
 
 def _outcome_scores(token_level_rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

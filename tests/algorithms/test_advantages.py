@@ -44,6 +44,36 @@ def test_gae_skips_interior_masked_tokens():
     torch.testing.assert_close(adv, t([[0.0, 0.0, -2.0]]))
 
 
+def reference_gae(rewards, values, mask, gamma, lam):
+    """Textbook GAE per row over the row's unmasked tokens only, in plain Python."""
+    adv = torch.zeros_like(rewards)
+    for i in range(rewards.shape[0]):
+        idx = mask[i].nonzero().flatten().tolist()
+        running = 0.0
+        for k in reversed(range(len(idx))):
+            next_value = values[i, idx[k + 1]].item() if k + 1 < len(idx) else 0.0
+            delta = rewards[i, idx[k]].item() + gamma * next_value - values[i, idx[k]].item()
+            running = delta + gamma * lam * running
+            adv[i, idx[k]] = running
+    return adv
+
+
+def test_gae_matches_reference_on_random_masks():
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randn(5, 9, generator=gen, dtype=D)
+    values = torch.randn(5, 9, generator=gen, dtype=D)
+    mask = (torch.rand(5, 9, generator=gen) < 0.7).to(D)  # holes anywhere, like spliced tool output
+    mask[3] = 0  # an empty response
+    adv, ret = compute_advantages("gae", rewards, mask, values=values, gamma=0.9, lam=0.8, whiten=False)
+    expected = reference_gae(rewards, values, mask, 0.9, 0.8)
+    torch.testing.assert_close(adv, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ret, (expected + values) * mask, rtol=1e-12, atol=1e-12)
+    # REINFORCE++ returns are GAE with V = 0 and lam = 1
+    _, g = compute_advantages("reinforce_plus_plus", rewards, mask, gamma=0.9)
+    torch.testing.assert_close(g, reference_gae(rewards, torch.zeros_like(values), mask, 0.9, 1.0),
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_gae_whitening_over_response_tokens():
     values = t([[1.0, 2.0, 3.0], [0.5, 1.0, 9.0]])
     adv, _ = compute_advantages("gae", REWARDS, MASK, values=values, gamma=0.5, lam=0.5)
