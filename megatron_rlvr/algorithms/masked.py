@@ -59,8 +59,9 @@ def group_mean_std(
     standard deviation from a group that small is undefined.
     """
     index, num_groups = group_index(group_ids, scores.shape[0])
+    index = index.to(scores.device)
     counts = torch.zeros(num_groups, dtype=scores.dtype, device=scores.device).index_add_(
-        0, index.to(scores.device), torch.ones_like(scores)
+        0, index, torch.ones_like(scores)
     )
     small = (counts < min_group_size).nonzero().flatten()
     if small.numel():
@@ -71,7 +72,6 @@ def group_mean_std(
             f"{first}, id {example.item() if isinstance(example, torch.Tensor) else example!r}, has "
             f"{int(counts[small[0]])}); sample at least {min_group_size} responses per prompt"
         )
-    index = index.to(scores.device)
     sums = torch.zeros_like(counts).index_add_(0, index, scores)
     mean = sums / counts
     sq_dev = torch.zeros_like(counts).index_add_(0, index, (scores - mean[index]) ** 2)
