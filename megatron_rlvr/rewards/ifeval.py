@@ -170,10 +170,10 @@ def validate_sections(text: str, N: int, section_splitter: str) -> bool:
 
 @_constraint("validate_json_format")
 def validate_json_format(text: str) -> bool:
-    """The whole response parses as JSON."""
+    """The whole response parses as JSON (nesting too deep for Python's parser does not count)."""
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 

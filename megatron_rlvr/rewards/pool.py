@@ -20,6 +20,7 @@ to a worker, so score batches with `RewardPool.score` rather than calling `verif
 from __future__ import annotations
 
 import collections
+import importlib
 import logging
 import math
 import multiprocessing
@@ -53,10 +54,13 @@ _WARM_UP: tuple[Record, ...] = (
 _OK, _RAISE, _FAILED = "ok", "raise", "failed"
 
 
-def _worker_main(conn: multiprocessing.connection.Connection) -> None:
-    """Worker loop: warm up, say ready, then score chunks `[(index, dataset, prediction, ground_truth)]`,
-    answering `(index, status, payload)` per record; `None` or a closed pipe ends it."""
+def _worker_main(conn: multiprocessing.connection.Connection, verifier_modules: tuple[str, ...]) -> None:
+    """Worker loop: import extra verifiers, warm up, say ready, then score chunks
+    `[(index, dataset, prediction, ground_truth)]`, answering `(index, status, payload)` per record; `None` or a
+    closed pipe ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it shuts the pool down
+    for name in verifier_modules:
+        importlib.import_module(name)
     for record in _WARM_UP:
         try:
             run_verifier(*record)
@@ -123,6 +127,8 @@ class RewardPool:
         start_method: "forkserver" (default where available) or "spawn"; never "fork", which would copy a
             trainer's threads and CUDA state into the workers. Scripts using the pool need a `__main__` guard.
         max_chunk: most records sent to a worker at once (chunks amortise the pipe round trip).
+        verifier_modules: modules that register more verifiers (`@register_verifier`), imported here and in
+            every worker; the built-in gsm8k, math and ifeval need none.
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class RewardPool:
         timeout: float = DEFAULT_TIMEOUT_S,
         start_method: str | None = None,
         max_chunk: int = 64,
+        verifier_modules: Sequence[str] = (),
     ):
         workers = len(os.sched_getaffinity(0)) if workers is None else workers
         if workers < 1:
@@ -142,6 +149,9 @@ class RewardPool:
         start_method = start_method or _default_start_method()
         if start_method not in ("forkserver", "spawn"):
             raise ValueError(f"RewardPool start_method must be 'forkserver' or 'spawn', got {start_method!r}")
+        self.verifier_modules = tuple(verifier_modules)
+        for name in self.verifier_modules:
+            importlib.import_module(name)  # here too: records are checked against the registry before dispatch
         self.num_workers = workers
         self.timeout = float(timeout)
         self.max_chunk = max_chunk
@@ -181,7 +191,9 @@ class RewardPool:
 
     def _start_worker(self) -> _Worker:
         parent_end, child_end = self._context.Pipe(duplex=True)
-        process = self._context.Process(target=_worker_main, args=(child_end,), name="reward-worker", daemon=True)
+        process = self._context.Process(
+            target=_worker_main, args=(child_end, self.verifier_modules), name="reward-worker", daemon=True
+        )
         process.start()
         child_end.close()
         return _Worker(process=process, conn=parent_end, started=time.monotonic())
