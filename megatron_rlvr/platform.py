@@ -87,6 +87,9 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron-core's distributed optimizer dispatches on 'torch.cuda.FloatTensor'-style names
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
@@ -109,7 +112,9 @@ class CpuPlatform(Platform):
         # A mode entered and never exited stays on the (thread-local) mode stack for the process's lifetime.
         CpuPlatform._mode = _CudaToCpuMode()
         CpuPlatform._mode.__enter__()
-        torch.cuda.current_device = lambda: 0
+        # megatron-core passes `torch.cuda.current_device()` as a device, also inside autograd backward
+        # functions, where torch-function modes are not active: answer the CPU itself
+        torch.cuda.current_device = lambda: "cpu"
         torch.cuda.synchronize = lambda device=None: None  # p2p shape exchange of the pipeline schedule
         # megatron-core's RNG tracker keeps per-region CUDA generator states; on CPU the CPU generator plays
         # that role, so forking a region (dropout under TP) swaps CPU generator states exactly as on a GPU.

@@ -109,12 +109,17 @@ def forward_backward(
         # is that of the global loss the loss_fn contributions add up to
         return loss * (num_mb * dp), torch.tensor(1), stats
 
+    # sequence parallelism splits the sequence over TP ranks: pad it to a multiple of TP (right padding
+    # cannot change earlier tokens under causal attention) and drop the padded positions from the output
+    multiple = pg.tp.size() if unwrap(model).config.sequence_parallel else 1
+
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         b, s = mb.tokens.shape
-        position_ids = torch.arange(s, device=mb.tokens.device).unsqueeze(0).expand(b, s)
-        output = model(mb.tokens, position_ids, None)
-        return output, lambda out, mb=mb: loss_func(mb, out)
+        tokens = torch.nn.functional.pad(mb.tokens, (0, -s % multiple))
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(b, -1)
+        output = model(tokens, position_ids, None)
+        return output, lambda out, mb=mb: loss_func(mb, out[:, :s])
 
     schedule = get_forward_backward_func(pp_size=pg.pp.size())
     max_len = max(mb.tokens.shape[1] for mb in micro_batches)

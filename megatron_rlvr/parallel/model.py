@@ -18,7 +18,10 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 @dataclasses.dataclass
 class OptimConfig:
-    """Adam settings of one trained model (policy or value)."""
+    """Optimizer settings of one trained model (policy or value)."""
+
+    name: str = "adam"
+    """`adam` or `sgd`"""
 
     lr: float = 1e-6
     """peak learning rate"""
@@ -49,7 +52,7 @@ def make_trainable(
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=pg)
     opt_config = OptimizerConfig(
-        optimizer="adam",
+        optimizer=optim.name,
         lr=optim.lr,
         min_lr=optim.lr,
         weight_decay=optim.weight_decay,
@@ -62,5 +65,6 @@ def make_trainable(
         fp16=config.fp16,
         params_dtype=config.params_dtype,
     )
-    optimizer = get_megatron_optimizer(opt_config, [ddp], pg_collection=pg)
+    # use_gloo_process_groups: extra CPU-side groups megatron wants only without explicit groups
+    optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=False, pg_collection=pg)
     return ddp, optimizer
