@@ -82,23 +82,23 @@ def load_model(name_or_path: str) -> ModelSpec:
         raise ValueError(
             f"model {name_or_path!r}: not a named size ({', '.join(NAMED_MODELS)}) and no config.json at {path}"
         )
+    # The model code's reader validates the config (activation, RoPE type); imported here only, since it
+    # pulls in megatron-core, which named sizes do not need.
+    from megatron_rlvr.models.llama import LlamaArch
+
     with open(path) as handle:
-        config = json.load(handle)
-    try:
-        heads = config["num_attention_heads"]
-        return ModelSpec(
-            name=os.path.basename(os.path.dirname(os.path.abspath(path))) or path,
-            hidden=config["hidden_size"],
-            ffn=config["intermediate_size"],
-            layers=config["num_hidden_layers"],
-            heads=heads,
-            kv_heads=config.get("num_key_value_heads") or heads,
-            vocab=config["vocab_size"],
-            head_dim=config.get("head_dim") or 0,
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
-    except KeyError as err:
-        raise ValueError(f"{path}: missing {err.args[0]!r}; the planner needs a Llama-style HF config") from None
+        arch = LlamaArch.from_hf_config(json.load(handle), source=path)
+    return ModelSpec(
+        name=os.path.basename(os.path.dirname(os.path.abspath(path))) or path,
+        hidden=arch.hidden_size,
+        ffn=arch.ffn_hidden_size,
+        layers=arch.num_layers,
+        heads=arch.num_heads,
+        kv_heads=arch.num_kv_heads,
+        vocab=arch.vocab_size,
+        head_dim=arch.head_dim,
+        tied_embeddings=arch.tie_word_embeddings,
+    )
 
 
 @dataclass(frozen=True)
