@@ -207,18 +207,26 @@ def build_llama(
     pg_collection: ProcessGroupCollection,
     *,
     pad_vocab_multiple: int = 1,
+    padded_vocab_size: int | None = None,
     value_head: bool = False,
 ) -> GPTModel:
     """The calling rank's stage of the model: embeddings on the first PP stage, output layer on the last.
 
     With `value_head=True` the output layer has a single column (a scalar value per token) instead of the vocab,
     for a PPO value model; it is replicated across TP ranks (`parallel_output` gathers nothing).
+    `padded_vocab_size` fixes the padded vocab (a checkpoint's) instead of deriving it from `pad_vocab_multiple`.
     """
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     layer = llama_layer_spec()
     num_local = get_num_layers_to_build(config, pp_rank=pp_rank)
     block_spec = TransformerBlockSubmodules(layer_specs=[layer] * num_local, layer_norm=RMSNorm)
-    vocab = arch.padded_vocab_size(pg_collection.tp.size(), pad_vocab_multiple)
+    tp = pg_collection.tp.size()
+    vocab = padded_vocab_size or arch.padded_vocab_size(tp, pad_vocab_multiple)
+    if vocab % tp or vocab < arch.vocab_size:
+        raise ValueError(
+            f"padded vocab size {vocab} must be >= vocab_size={arch.vocab_size} and divisible by tensor parallel "
+            f"size {tp}; convert the checkpoint with a pad multiple that {tp} divides"
+        )
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec,

@@ -1,0 +1,38 @@
+"""`megatron-rlvr convert --from hf|mcore --to hf|mcore [--tp N --pp M] SRC DST`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="src_format", choices=("hf", "mcore"), required=True,
+                        help="format of SRC: a HF safetensors directory or a megatron-rlvr checkpoint")
+    parser.add_argument("--to", dest="dst_format", choices=("hf", "mcore"), required=True, help="format of DST")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size of a megatron output")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size of a megatron output")
+    parser.add_argument("--pad-vocab-multiple", type=int, default=128,
+                        help="pad the vocab to a multiple of this x TP (HF -> mcore)")
+    parser.add_argument("src", metavar="SRC")
+    parser.add_argument("dst", metavar="DST")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_rlvr.models import convert
+
+    try:
+        if args.src_format == "hf" and args.dst_format == "mcore":
+            convert.hf_to_mcore(args.src, args.dst, args.tp, args.pp, args.pad_vocab_multiple)
+        elif args.src_format == "mcore" and args.dst_format == "mcore":
+            convert.reshard(args.src, args.dst, args.tp, args.pp)
+        elif args.src_format == "mcore" and args.dst_format == "hf":
+            convert.mcore_to_hf(args.src, args.dst)
+        else:
+            print("convert: --from hf --to hf is a copy; nothing to convert", file=sys.stderr)
+            return 2
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"convert: {err}", file=sys.stderr)
+        return 1
+    print(f"converted {args.src} ({args.src_format}) -> {args.dst} ({args.dst_format}, tp={args.tp}, pp={args.pp})")
+    return 0
