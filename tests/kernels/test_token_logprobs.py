@@ -121,3 +121,22 @@ def test_clear_errors(kwargs, error, match, device):
     labels = torch.zeros(kwargs.pop("labels_shape", (4,)), dtype=torch.long, device=device)
     with pytest.raises(error, match=match):
         token_logprobs(logits, labels, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with > 10 GiB free (2^31+ logits)")
+def test_more_than_2_to_the_31_logits(rng):
+    """Rows past element 2^31 are addressed with int64 offsets: check the last rows, values and grads."""
+    n_tokens, vocab = 16800, 128256  # 2.15e9 elements
+    assert n_tokens * vocab > 2**31
+    logits = torch.randn(n_tokens, vocab, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (n_tokens,), device="cuda")
+    logits.requires_grad_()
+    logp, ent = token_logprobs(logits, labels, return_entropy=True)
+    (logp + ent).sum().backward()
+    tail = slice(n_tokens - 8, n_tokens)
+    ref_leaf = logits.detach()[tail].double().requires_grad_()
+    ref_logp, ref_ent = ref_logprobs_entropy(ref_leaf, labels[tail])
+    (ref_logp + ref_ent).sum().backward()
+    assert_close(logp[tail], ref_logp, torch.bfloat16, "log-probs of the last rows")
+    assert_close(ent[tail], ref_ent, torch.bfloat16, "entropy of the last rows")
+    assert_close(logits.grad[tail], ref_leaf.grad, torch.bfloat16, "dlogits of the last rows")
