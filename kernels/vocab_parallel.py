@@ -8,14 +8,14 @@ only communication. Every rank then merges locally, with `M = max_r m_r` and `w_
     s0 = sum_r w_r s0_r,   s1 = sum_r w_r (s1_r + (m_r - M) s0_r),   z_y = sum_r z_y,r,
     lse = M + log s0,      H = log s0 - s1 / s0,                     log p_y = z_y - lse.
 
-`z_y,r` is 0 on every rank but the label's owner, so the sum is the label logit. Once `lse` and `H` are
-known on every rank the gradient of a shard's logits depends only on that shard, so backward needs no
-collective.
+`z_y,r` is 0 on every rank but the label's owner, so the sum is the label logit. The same merge combines
+column blocks within a rank (the fused linear variant's vocab chunks). Once `lse` and `H` are known on
+every rank the gradient of a shard's logits depends only on that shard, so backward needs no collective.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -51,32 +51,51 @@ def vocab_shard(n_local: int, group: dist.ProcessGroup | None, valid_vocab_size:
     return VocabShard(group if world_size > 1 else None, world_size, start, n_local, n_valid, valid_vocab)
 
 
+def column_block(shard: VocabShard, start: int, width: int) -> VocabShard:
+    """Columns `[start, start + width)` of this rank's shard, as a shard of their own (same group, labels)."""
+    n_valid = min(max(shard.n_valid - start, 0), width)
+    return replace(shard, start=shard.start + start, n_local=width, n_valid=n_valid)
+
+
 def label_is_valid(labels: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     return (labels >= 0) & (labels < shard.valid_vocab)
+
+
+def merge_partial_stats(partials: torch.Tensor) -> torch.Tensor:
+    """Merge `[K, 4, N]` partial row statistics of K disjoint column blocks into `[4, N]` (module docstring)."""
+    m, s0, s1, z_y = partials.unbind(1)
+    m_max = m.amax(dim=0)
+    weight = torch.exp(m - m_max)
+    s0_all = (weight * s0).sum(dim=0)
+    s1_all = (weight * (s1 + (m - m_max) * s0)).sum(dim=0)
+    return torch.stack([m_max, s0_all, s1_all, z_y.sum(dim=0)])
+
+
+def combine_partial_stats(
+    stats: torch.Tensor, labels: torch.Tensor, shard: VocabShard
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(log p_y, lse, H)`, each fp32 `[N]`, from this rank's `[4, N]` partial statistics of its whole shard,
+    merged over `shard.group` (one all-gather) when the vocab is sharded."""
+    if shard.group is not None:
+        # gloo only takes the flat [world * rows, ...] output layout (NCCL takes a stacked one too).
+        flat = torch.empty((shard.world_size * stats.shape[0], *stats.shape[1:]), dtype=stats.dtype,
+                           device=stats.device)
+        # torch 2.13 deprecates all_gather_into_tensor in favour of the same call named all_gather_single.
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        all_gather(flat, stats.contiguous(), group=shard.group)
+        stats = merge_partial_stats(flat.view(shard.world_size, *stats.shape))
+    m, s0, s1, z_y = stats.unbind(0)
+    log_s0 = torch.log(s0)
+    lse = m + log_s0
+    logp = torch.where(label_is_valid(labels, shard), z_y - lse, torch.zeros_like(lse))
+    return logp, lse, log_s0 - s1 / s0
 
 
 def combine_row_stats(
     stats: torch.Tensor, labels: torch.Tensor, shard: VocabShard
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(log p_y, lse, H)`, each fp32 `[N]`, from this rank's row statistics.
-
-    `stats` is the `[3, N]` final block of an unsharded vocab, or the `[4, N]` partial block of a shard,
-    which is all-gathered over `shard.group` and merged as in the module docstring.
-    """
+    """`(log p_y, lse, H)` from `row_stats` output: the `[3, N]` final block of an unsharded vocab, or the
+    `[4, N]` partial block of a shard (see `combine_partial_stats`)."""
     if shard.group is None:
         return stats[0], stats[1], stats[2]
-    # gloo only takes the flat [world * rows, ...] output layout (NCCL takes a stacked one too).
-    flat = torch.empty((shard.world_size * stats.shape[0], *stats.shape[1:]), dtype=stats.dtype, device=stats.device)
-    # torch 2.13 deprecates all_gather_into_tensor in favour of the same call named all_gather_single.
-    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    all_gather(flat, stats.contiguous(), group=shard.group)
-    gathered = flat.view(shard.world_size, *stats.shape)
-    m, s0, s1, z_y = gathered.unbind(1)
-    m_max = m.amax(dim=0)
-    weight = torch.exp(m - m_max)
-    s0_all = (weight * s0).sum(dim=0)
-    s1_all = (weight * (s1 + (m - m_max) * s0)).sum(dim=0)
-    log_s0 = torch.log(s0_all)
-    lse = m_max + log_s0
-    logp = torch.where(label_is_valid(labels, shard), z_y.sum(dim=0) - lse, torch.zeros_like(lse))
-    return logp, lse, log_s0 - s1_all / s0_all
+    return combine_partial_stats(stats, labels, shard)

@@ -1,5 +1,5 @@
 """linear_token_logprobs against the float64 reference on `hidden @ weight.T`, gradients of hidden and
-weight included, with a workspace small enough to force several token chunks."""
+weight included, with workspaces small enough to force several vocab blocks, and token blocks too."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megatron_rlvr.kernels import linear_token_logprobs
+from megatron_rlvr.kernels.linear_logprobs import DEFAULT_WORKSPACE_BYTES, block_shape
 
 from .reference import assert_close, ref_logprobs_entropy
 
@@ -19,18 +20,19 @@ def make_inputs(n_tokens, hidden_size, vocab, dtype, device, generator):
 
 
 @pytest.mark.parametrize(
-    "dtype,temperature,return_entropy,valid_vocab,chunk_tokens",
+    "dtype,temperature,return_entropy,valid_vocab,block",
     [
-        (torch.float32, 1.0, True, None, 3),
-        (torch.float32, 0.7, False, 120, 4),
-        (torch.bfloat16, 1.3, True, None, 5),
+        (torch.float32, 1.0, True, None, (11, 128)),  # vocab blocks of 128 columns over all tokens
+        (torch.float32, 0.7, False, 290, (3, 128)),  # token and vocab blocks; padded vocab
+        (torch.bfloat16, 1.3, True, None, (11, 300)),  # one block
     ],
 )
-def test_matches_reference(dtype, temperature, return_entropy, valid_vocab, chunk_tokens, device, rng):
-    n_tokens, hidden_size, vocab = 11, 24, 130
+def test_matches_reference(dtype, temperature, return_entropy, valid_vocab, block, device, rng):
+    n_tokens, hidden_size, vocab = 11, 24, 300
     hidden, weight, labels = make_inputs(n_tokens, hidden_size, vocab, dtype, device, rng)
     labels[0] = -100
-    workspace = chunk_tokens * vocab * hidden.element_size()
+    workspace = block[0] * block[1] * hidden.element_size()
+    assert block_shape(n_tokens, vocab, hidden.element_size(), workspace) == block
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     out = linear_token_logprobs(h, w, labels, temperature=temperature, return_entropy=return_entropy,
                                 valid_vocab_size=valid_vocab, workspace_bytes=workspace)
@@ -52,6 +54,15 @@ def test_matches_reference(dtype, temperature, return_entropy, valid_vocab, chun
     assert h.grad.dtype == w.grad.dtype == dtype
     assert_close(h.grad, h64.grad, dtype, "dhidden")
     assert_close(w.grad, w64.grad, dtype, "dweight")
+
+
+def test_default_workspace_blocks_for_llama3_vocab():
+    """T=16384, V=128256, bf16: 16 vocab blocks of 8192 columns over all tokens, 256 MiB."""
+    tokens, columns = block_shape(16384, 128256, 2, DEFAULT_WORKSPACE_BYTES)
+    assert (tokens, columns) == (16384, 8192)
+    assert tokens * columns * 2 <= DEFAULT_WORKSPACE_BYTES < 2**30
+    # Past ~1M tokens the block keeps 128 columns and takes fewer tokens.
+    assert block_shape(2**21, 128256, 2, DEFAULT_WORKSPACE_BYTES) == (2**20, 128)
 
 
 def test_frozen_weight_gives_only_dhidden(device, rng):
