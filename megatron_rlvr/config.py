@@ -1,0 +1,555 @@
+"""The job configuration: typed dataclasses with a docstring per field, loaded from YAML, overridden from the
+command line with dotted `key=value` pairs, and validated before any process group is built.
+
+    cfg = load_config("examples/configs/tiny-cpu.yaml", ["train.steps=20", "rollout.n=8"])
+    validate(cfg, world_size=2)    # raises ConfigError naming the key and the fix
+
+An unknown key, a tensor-parallel size that does not divide the attention heads, a world size that does not fit
+the layout and a missing data file all raise `ConfigError` here, so a mistake costs seconds, not a cluster
+allocation. Values in overrides are parsed as YAML scalars (`train.steps=20` is an int, `data.train_files=[a,b]`
+a list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key, the value and how to fix it."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = ""
+    """HuggingFace Llama directory the policy starts from (config.json, safetensors, tokenizer)."""
+    shape: str = ""
+    """Named architecture (8B, 70B, 405B: Llama 3.1 shapes) used by `--dry-run` when `path` is not on this
+    machine; ignored when `path` has a config.json."""
+    value_path: str = ""
+    """PPO only: HF directory the value model's trunk starts from (Tülu 3 uses a reward model); empty: the policy's
+    weights. The value head starts at zero."""
+    value_shape: str = ""
+    """Named architecture of the value model for `--dry-run` when `value_path` is not on this machine."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 or bfloat16 (master weights and gradient reduction stay fp32)."""
+    pad_vocab_multiple: int = 128
+    """Pad the vocab so each tensor-parallel shard is a multiple of this (padded rows are masked to -inf)."""
+    recompute: bool = False
+    """Full activation recomputation (stores layer inputs only; ~1/3 more compute)."""
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    layout: str = "colocated"
+    """colocated: every rank trains and generates, taking turns; split: the first `rollout_ranks` ranks only
+    generate, the rest only train, weights broadcast between them."""
+    tensor_parallel: int = 1
+    """Training tensor-parallel size (divides the attention and KV heads)."""
+    pipeline_parallel: int = 1
+    """Training pipeline-parallel size (divides the layers)."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence over the TP group (needs tensor_parallel > 1)."""
+    rollout_ranks: int = 0
+    """split layout: ranks that only generate (a multiple of rollout_tensor_parallel)."""
+    rollout_tensor_parallel: int = 1
+    """Tensor-parallel size of one rollout engine."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over the data-parallel group (megatron-core's distributed optimizer)."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train_files: list[str] = dataclasses.field(default_factory=list)
+    """open-instruct RLVR records (JSONL or Parquet): messages, ground_truth, dataset."""
+    eval_files: list[str] = dataclasses.field(default_factory=list)
+    """Held-out records scored every `train.eval_interval` steps (greedy decoding)."""
+    chat_template: str = "tokenizer"
+    """tokenizer (the model's own chat template) or a built-in one: tulu, plain."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are dropped (and counted) when the data is loaded."""
+    on_malformed: str = "fail"
+    """fail: stop at the first malformed record (named with file and line); skip: log it and go on."""
+    shuffle: bool = True
+    """Shuffle prompts each epoch (deterministic from train.seed)."""
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    backend: str = "megatron"
+    """megatron: sample with the trainer's own model (no weight copy); vllm: in-process vLLM engines."""
+    n: int = 4
+    """Samples per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs of policy, old policy and reference use the same temperature."""
+    top_p: float = 1.0
+    max_tokens: int = 64
+    """Response length limit; a response cut here without EOS gets reward.truncation_penalty."""
+    gpu_memory_utilization: float = 0.5
+    """vllm: share of device memory for weights and KV cache (<= 0.5 on CPU)."""
+    enforce_eager: bool = False
+    """vllm: no CUDA graphs."""
+
+
+@dataclasses.dataclass
+class AlgorithmConfig:
+    advantage_estimator: str = "grpo"
+    """grpo, dr_grpo, rloo, reinforce_plus_plus, reinforce_plus_plus_baseline (no value model) or gae (PPO with a
+    value model)."""
+    policy_loss: str = "ppo"
+    """Registered policy loss (megatron_rlvr.algorithms.POLICY_LOSSES)."""
+    clip_low: float = 0.2
+    """PPO ratio clip below 1: rho >= 1 - clip_low."""
+    clip_high: float = 0.2
+    """PPO ratio clip above 1: rho <= 1 + clip_high (DAPO's clip-higher uses 0.28)."""
+    loss_agg_mode: str = "token-mean"
+    """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm (see algorithms.aggregate_loss)."""
+    kl_coef: float = 0.0
+    """beta of the KL to the frozen reference policy; 0 keeps no reference model."""
+    kl_mode: str = "loss"
+    """loss: beta * KL added to the loss (GRPO); reward: beta * KL subtracted from per-token rewards (Tülu 3 PPO)."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3 (Schulman's estimators; Tülu 3 uses k1 in the reward)."""
+    target_kl: float | None = None
+    """Adaptive KL controller target (per-sequence KL); None: a fixed beta."""
+    entropy_coef: float = 0.0
+    """Subtract entropy_coef * mean token entropy from the loss."""
+    ppo_epochs: int = 1
+    """Optimizer passes over each rollout batch."""
+    mini_batches: int = 1
+    """Optimizer steps per pass (the rollout batch is cut into this many mini-batches of whole prompts)."""
+    gamma: float = 1.0
+    """GAE / REINFORCE++ discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    value_clip: float = 0.2
+    """PPO value clip range."""
+    value_loss_coef: float = 0.1
+    """Scales the value loss (the value model has its own optimizer; this is its loss scale)."""
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    """adam or sgd."""
+    lr: float = 1e-6
+    """Peak learning rate (constant after warm-up)."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimizer steps."""
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 100
+    """RLVR steps (rollout + update) to run in total; a resumed run continues up to this."""
+    prompts_per_step: int = 8
+    """Prompts per rollout batch (each sampled rollout.n times); a multiple of data-parallel size x
+    algorithm.mini_batches."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward micro-batch."""
+    seed: int = 1
+    """Seeds data order, sampling and model-parallel RNG."""
+    eval_interval: int = 0
+    """Score data.eval_files every this many steps (0: only at the end, if eval files are given)."""
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    """Policy optimizer."""
+    value_optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(lr=1e-5))
+    """PPO value model optimizer."""
+
+
+@dataclasses.dataclass
+class RewardSettings:
+    verified_reward: float = 1.0
+    """Reward for a response the verifier accepts (Tülu 3: 10)."""
+    truncation_penalty: float | None = None
+    """Reward of a response cut at rollout.max_tokens without EOS (Tülu 3: -10); None: scored like the rest."""
+    format_pattern: str | None = None
+    """Regular expression a response must match to earn format_reward."""
+    format_reward: float = 0.0
+    workers: int = 2
+    """Verifier worker processes."""
+    timeout_s: float = 10.0
+    """Seconds one verification may take before it scores 0."""
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    interval: int = 50
+    """Save every this many steps (and at the end); 0: only at the end."""
+    keep: int = 2
+    """Complete checkpoints kept (older ones are deleted once a newer one is complete)."""
+    export_hf: bool = False
+    """Also write the final policy as a HuggingFace directory (`<output_dir>/hf`)."""
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    tensorboard: bool = True
+    """Write TensorBoard events to `<output_dir>/tensorboard`."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclasses.dataclass
+class JobConfig:
+    output_dir: str = "outputs/run"
+    """metrics.jsonl, checkpoints/, tensorboard/ and hf/ go here; a restart on the same directory resumes."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    reward: RewardSettings = dataclasses.field(default_factory=RewardSettings)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, known, cls) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=1)
+    hint = f"did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}? " if close else ""
+    return ConfigError(f"unknown config key {key!r}; {hint}{cls.__name__} has: {', '.join(known)}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + key
+        if key not in types:
+            raise _unknown_key(full, types, cls)
+        hint = types[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, full + ".")
+        else:
+            kwargs[key] = _coerce(full, value, hint)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`["a.b=3", "c=[x, y]"]` -> `[("a.b", 3), ("c", ["x", "y"])]` (values parsed as YAML)."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=20)")
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return out
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> JobConfig:
+    tree = dict(data or {})
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    return _build(JobConfig, tree)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> JobConfig:
+    """Read `path` (YAML; None: defaults only) and apply dotted overrides; unknown keys raise ConfigError."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        base = os.path.dirname(os.path.abspath(path))
+        data = _resolve_relative(data, base)
+    return config_from_dict(data, overrides)
+
+
+# paths in a config file are relative to the file itself, so a config can travel with its data
+_PATH_KEYS = (("model", "path"), ("model", "value_path"), ("data", "train_files"), ("data", "eval_files"))
+
+
+def _resolve_relative(data: dict, base: str) -> dict:
+    for section, key in _PATH_KEYS:
+        node = data.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value = node[key]
+        resolve = lambda p: p if not isinstance(p, str) or not p or os.path.isabs(p) or not (p.startswith("./") or p.startswith("../")) else os.path.normpath(os.path.join(base, p))  # noqa: E731
+        node[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
+    return data
+
+
+def save_config(cfg: JobConfig, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "parallel.layout": ("colocated", "split"),
+    "rollout.backend": ("megatron", "vllm"),
+    "model.dtype": ("float32", "bfloat16"),
+    "algorithm.kl_mode": ("loss", "reward"),
+    "algorithm.kl_estimator": ("k1", "k2", "k3"),
+    "data.on_malformed": ("fail", "skip"),
+    "train.optimizer.name": ("adam", "sgd"),
+    "train.value_optimizer.name": ("adam", "sgd"),
+}
+
+
+def _get(cfg: JobConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def model_arch(path: str, shape: str, key: str):
+    """The architecture of `path` (a HF dir) or, when it is not on this machine, of the named `shape`.
+
+    Returns (LlamaArch or planner ModelSpec, source) or raises ConfigError naming `key`.
+    """
+    from megatron_rlvr.models.llama import LlamaArch
+
+    if path and os.path.isfile(os.path.join(path, "config.json")):
+        try:
+            return LlamaArch.from_pretrained(path), path
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    if shape:
+        from megatron_rlvr.planner import load_model
+
+        try:
+            return load_model(shape), f"shape {shape}"
+        except (KeyError, ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"{key.rsplit('.', 1)[0]}.shape={shape!r}: {err}") from None
+    return None, None
+
+
+def _heads_layers(arch) -> tuple[int, int, int]:
+    """(attention heads, KV heads, layers) of a LlamaArch or a planner ModelSpec."""
+    if hasattr(arch, "num_kv_heads"):
+        return arch.num_heads, arch.num_kv_heads, arch.num_layers
+    return arch.heads, arch.kv_heads, arch.layers
+
+
+def check_model_parallel(arch, source: str, tp: int, pp: int, key_prefix: str = "parallel") -> None:
+    heads, kv_heads, layers = _heads_layers(arch)
+    for name, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        if value % tp:
+            fits = [d for d in range(1, value + 1) if value % d == 0]
+            raise ConfigError(
+                f"{key_prefix}.tensor_parallel={tp} does not divide {name}={value} of {source}; "
+                f"set {key_prefix}.tensor_parallel to one of {fits}"
+            )
+    if layers % pp:
+        fits = [d for d in range(1, layers + 1) if layers % d == 0]
+        raise ConfigError(
+            f"{key_prefix}.pipeline_parallel={pp} does not divide num_hidden_layers={layers} of {source}; "
+            f"set {key_prefix}.pipeline_parallel to one of {fits}"
+        )
+
+
+def training_world(cfg: JobConfig, world_size: int) -> int:
+    """Ranks that train: all of them (colocated) or those past the rollout block (split)."""
+    return world_size - cfg.parallel.rollout_ranks if cfg.parallel.layout == "split" else world_size
+
+
+def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool = True) -> list[str]:
+    """Check `cfg` (and that it fits `world_size` ranks) before anything is built; raise ConfigError on the
+    first problem. Returns the paths that were not checked or not found when `check_paths` is False (the
+    dry run plans a cluster job on a machine that does not hold its files)."""
+    unchecked: list[str] = []
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    from megatron_rlvr.algorithms import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+
+    algo = cfg.algorithm
+    for key, value, known in (
+        ("algorithm.advantage_estimator", algo.advantage_estimator, list(ADVANTAGE_ESTIMATORS.names())),
+        ("algorithm.policy_loss", algo.policy_loss, list(POLICY_LOSSES.names())),
+        ("algorithm.loss_agg_mode", algo.loss_agg_mode, list(LOSS_AGG_MODES)),
+    ):
+        if value not in known:
+            raise ConfigError(f"{key}={value!r} is not registered; known: {', '.join(known)}")
+    positive = ("train.steps", "train.prompts_per_step", "train.micro_batch_size", "rollout.n", "rollout.max_tokens",
+                "parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.rollout_tensor_parallel",
+                "algorithm.ppo_epochs", "algorithm.mini_batches", "data.max_prompt_length", "reward.workers")
+    for key in positive:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
+    if cfg.rollout.temperature <= 0:
+        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0 (log-probs divide by it)")
+    if algo.advantage_estimator not in ("reinforce_plus_plus", "gae") and cfg.rollout.n < 2:
+        raise ConfigError(f"algorithm.advantage_estimator={algo.advantage_estimator!r} compares samples of the "
+                          f"same prompt: set rollout.n >= 2 (got {cfg.rollout.n})")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1; set it to false")
+    try:
+        from megatron_rlvr.rewards import RewardConfig
+
+        RewardConfig(**{f.name: getattr(cfg.reward, f.name) for f in dataclasses.fields(RewardConfig)})
+    except ValueError as err:
+        raise ConfigError(f"reward: {err}") from None
+
+    # model architecture against TP / PP
+    if not cfg.model.path:
+        raise ConfigError("model.path is empty: set it to a HuggingFace Llama directory (model.path=/path/to/model)")
+    arch, source = model_arch(cfg.model.path, cfg.model.shape, "model.path")
+    if arch is None:
+        if check_paths:
+            raise ConfigError(f"model.path={cfg.model.path!r} has no config.json: point it at a HuggingFace Llama "
+                              "directory (download it first), or set model.shape for a --dry-run")
+        unchecked.append(cfg.model.path)
+    else:
+        check_model_parallel(arch, source, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+    if algo.advantage_estimator == "gae" and cfg.model.value_path:
+        value_arch, value_source = model_arch(cfg.model.value_path, cfg.model.value_shape, "model.value_path")
+        if value_arch is None:
+            if check_paths:
+                raise ConfigError(f"model.value_path={cfg.model.value_path!r} has no config.json: point it at a "
+                                  "HuggingFace Llama directory, or leave it empty to start from the policy")
+            unchecked.append(cfg.model.value_path)
+        else:
+            check_model_parallel(value_arch, value_source, cfg.parallel.tensor_parallel,
+                                 cfg.parallel.pipeline_parallel)
+
+    # data files
+    if not cfg.data.train_files:
+        raise ConfigError("data.train_files is empty: list at least one JSONL/Parquet file of RLVR records")
+    for key, files in (("data.train_files", cfg.data.train_files), ("data.eval_files", cfg.data.eval_files)):
+        for path in files:
+            if not os.path.isfile(path):
+                if check_paths:
+                    raise ConfigError(f"{key}: file {path!r} does not exist (paths in a config file are relative "
+                                      "to the working directory unless they start with ./ or ../)")
+                unchecked.append(path)
+
+    # world size against the layout
+    if world_size is not None:
+        check_world(cfg, world_size)
+    return unchecked
+
+
+def check_world(cfg: JobConfig, world_size: int) -> int:
+    """Raise ConfigError unless `world_size` ranks fit the layout; returns the data-parallel size."""
+    par = cfg.parallel
+    model_parallel = par.tensor_parallel * par.pipeline_parallel
+    if par.layout == "split":
+        if par.rollout_ranks < 1:
+            raise ConfigError("parallel.layout=split needs parallel.rollout_ranks >= 1 (ranks that only generate)")
+        if par.rollout_ranks % par.rollout_tensor_parallel:
+            raise ConfigError(f"parallel.rollout_ranks={par.rollout_ranks} is not a multiple of "
+                              f"parallel.rollout_tensor_parallel={par.rollout_tensor_parallel}")
+        if cfg.rollout.backend != "vllm":
+            raise ConfigError("parallel.layout=split generates on ranks without the trainer's model: set "
+                              "rollout.backend=vllm (or use parallel.layout=colocated)")
+    train_ranks = training_world(cfg, world_size)
+    if train_ranks < 1 or train_ranks % model_parallel:
+        need = f"{par.rollout_ranks} rollout + " if par.layout == "split" else ""
+        raise ConfigError(
+            f"world size {world_size} does not fit the layout: {need}training ranks {train_ranks} must be a "
+            f"multiple of tensor_parallel x pipeline_parallel = {model_parallel}; launch "
+            f"{(par.rollout_ranks if par.layout == 'split' else 0) + model_parallel} x k ranks "
+            f"(torchrun --nproc-per-node) or change parallel.tensor_parallel / parallel.pipeline_parallel"
+        )
+    if par.layout == "colocated" and world_size % par.rollout_tensor_parallel:
+        raise ConfigError(f"world size {world_size} is not a multiple of parallel.rollout_tensor_parallel="
+                          f"{par.rollout_tensor_parallel}; every rank of the colocated layout generates")
+    dp = train_ranks // model_parallel
+    groups = dp * cfg.algorithm.mini_batches
+    if cfg.train.prompts_per_step % groups:
+        raise ConfigError(
+            f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of data-parallel size {dp} x "
+            f"algorithm.mini_batches={cfg.algorithm.mini_batches} = {groups} (whole prompt groups per rank and "
+            "mini-batch)"
+        )
+    return dp
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Docstrings of `cls`'s fields (for `--help`-style listings)."""
+    from megatron_rlvr.planner.specs import field_docs as _docs
+
+    return _docs(cls)
+
+
+def describe(cls=JobConfig, prefix: str = "") -> list[str]:
+    """`key (type, default): doc` for every field, sections expanded (`megatron-rlvr train --list-keys`)."""
+    lines = []
+    docs = field_docs(cls)
+    types = _field_types(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        hint = types[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines.extend(describe(hint, prefix + f.name + "."))
+            continue
+        name = getattr(hint, "__name__", str(hint).replace("typing.", ""))
+        lines.append(f"{prefix}{f.name} ({name}, default {getattr(defaults, f.name)!r}): {docs.get(f.name, '')}")
+    return lines

@@ -1,0 +1,523 @@
+"""The RLVR loop, top to bottom in one place.
+
+    train(cfg):
+        validate the config against the world size            (before any process group exists)
+        join the world, build TP x PP x DP groups             (parallel.state)
+        policy (+ frozen reference, + value model for PPO)     (models.llama, parallel.model)
+        prompts, rollout engine, reward pool, checkpointer, metrics; resume from the latest complete checkpoint
+        for each step:
+            1. rollout      every rank gets the same prompt batch; the engine samples rollout.n responses each
+            2. verify       rank 0 scores the responses in the reward pool and broadcasts the shaped rewards
+            3. log-probs    this DP rank's prompt groups: old policy (when more than one update), reference, value
+            4. advantages   estimator by name (GRPO, RLOO, GAE, ...), KL as a reward penalty or a loss term
+            5. update       algorithm.ppo_epochs x algorithm.mini_batches optimizer steps through the pipeline
+                            schedule; each loss is the micro-batch's share of the mini-batch's global loss
+            6. weight sync  the engine takes the new weights (a no-op when it samples with the trainer's model)
+            7. log, evaluate, checkpoint
+
+Per-token tensors live in the log-prob frame of the packed rows `[prompt | response | padding]`: position t
+scores token t+1, so response token j of a row whose prompt has P tokens sits at position P - 1 + j.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_rlvr.config import JobConfig, check_world, save_config, validate
+
+logger = logging.getLogger(__name__)
+
+RolloutFactory = Callable[..., object]
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@dataclasses.dataclass
+class Models:
+    policy: torch.nn.Module  # DDP-wrapped GPTModel stage
+    optimizer: object
+    reference: torch.nn.Module | None = None
+    value: torch.nn.Module | None = None
+    value_optimizer: object | None = None
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _optim(o) -> "OptimConfig":  # noqa: F821 - resolved on call
+    from megatron_rlvr.parallel.model import OptimConfig
+
+    return OptimConfig(name=o.name, lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+                       adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad)
+
+
+def build_model(cfg: JobConfig, path: str, pg, *, frozen: bool = False, value_head: bool = False):
+    """This rank's stage of the Llama at `path` with its HF weights; (model, arch).
+
+    A value model is the same trunk with a zero-initialised scalar head in place of the LM head.
+    """
+    from megatron_rlvr.models.llama import LlamaArch, ValueHead, build_llama, transformer_config
+    from megatron_rlvr.models.weights import load_hf_into_model, read_hf_state
+
+    arch = LlamaArch.from_pretrained(path)
+    par = cfg.parallel
+    config = transformer_config(arch, tp=par.tensor_parallel, pp=par.pipeline_parallel,
+                                sequence_parallel=par.sequence_parallel, params_dtype=_dtype(cfg.model.dtype),
+                                recompute=cfg.model.recompute and not frozen)
+    model = build_llama(arch, config, pg, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
+    load_hf_into_model(model, read_hf_state(path), arch, pg)
+    if value_head and model.post_process:
+        model.output_layer = ValueHead(arch.hidden_size, config.params_dtype)
+    if frozen:
+        model.eval()
+        model.requires_grad_(False)
+    return model, arch
+
+
+def build_models(cfg: JobConfig, pg):
+    from megatron_rlvr.parallel.model import make_trainable
+
+    policy, arch = build_model(cfg, cfg.model.path, pg)
+    optim = _optim(cfg.train.optimizer)
+    optim.use_distributed_optimizer = cfg.parallel.use_distributed_optimizer
+    policy, optimizer = make_trainable(policy, pg, optim)
+    models = Models(policy, optimizer)
+    if cfg.algorithm.kl_coef > 0:
+        models.reference, _ = build_model(cfg, cfg.model.path, pg, frozen=True)
+    if cfg.algorithm.advantage_estimator == "gae":
+        value, _ = build_model(cfg, cfg.model.value_path or cfg.model.path, pg, value_head=True)
+        value_optim = _optim(cfg.train.value_optimizer)
+        value_optim.use_distributed_optimizer = cfg.parallel.use_distributed_optimizer
+        models.value, models.value_optimizer = make_trainable(value, pg, value_optim)
+    return models, arch
+
+
+# ------------------------------------------------------------------------------------------------ rollout
+
+
+def build_rollout(cfg: JobConfig, models: Models, arch, pg, tokenizer, factory: RolloutFactory | None = None):
+    """The rollout engine of `cfg.rollout.backend` (`megatron_rlvr.rollout.build_rollout_engine`), or what
+    `factory(cfg, model, arch, pg, tokenizer)` builds (tests)."""
+    if factory is not None:
+        return factory(cfg, models.policy, arch, pg, tokenizer)
+    try:
+        from megatron_rlvr.rollout import build_rollout_engine
+    except ImportError as err:
+        raise RuntimeError(
+            f"rollout.backend={cfg.rollout.backend!r}: megatron_rlvr.rollout.build_rollout_engine is not available "
+            f"in this installation ({err})"
+        ) from None
+    return build_rollout_engine(cfg.rollout.backend, cfg=cfg, model=models.policy, arch=arch, pg=pg,
+                                tokenizer=tokenizer)
+
+
+def sampling_config(cfg: JobConfig, seed: int, *, greedy: bool = False):
+    from megatron_rlvr.rollout.base import SamplingConfig
+
+    return SamplingConfig(
+        n=1 if greedy else cfg.rollout.n,
+        temperature=0.0 if greedy else cfg.rollout.temperature,
+        top_p=1.0 if greedy else cfg.rollout.top_p,
+        max_tokens=cfg.rollout.max_tokens,
+        seed=seed,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """This DP rank's rows `[prompt | response | pad]` and per-token tensors in the log-prob frame `[B, S-1]`."""
+
+    tokens: torch.Tensor  # [B, S] int64
+    lengths: torch.Tensor  # [B] prompt + response tokens
+    mask: torch.Tensor  # [B, S-1] float, 1 on response tokens
+    rewards: torch.Tensor  # [B] shaped reward per sequence
+    group_ids: list[int]  # prompt index of each row (GRPO groups)
+    fields: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def token_rewards(self) -> torch.Tensor:
+        """The sequence reward on its last response token."""
+        out = torch.zeros_like(self.mask)
+        last = (self.mask * torch.arange(1, self.mask.shape[1] + 1)).argmax(-1)
+        out[torch.arange(out.shape[0]), last] = self.rewards.to(out.dtype)
+        return out * self.mask
+
+    def rows(self, index: torch.Tensor) -> "RolloutBatch":
+        return RolloutBatch(self.tokens[index], self.lengths[index], self.mask[index], self.rewards[index],
+                            [self.group_ids[i] for i in index.tolist()],
+                            {k: v[index] for k, v in self.fields.items()})
+
+
+def pack_rollouts(samples, rewards: list[float], pad_id: int) -> RolloutBatch:
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    width = max(lengths)
+    tokens = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width - 1))
+    for row, sample in enumerate(samples):
+        prompt = len(sample.prompt_ids)
+        tokens[row, : lengths[row]] = torch.tensor(list(sample.prompt_ids) + list(sample.response_ids))
+        mask[row, prompt - 1: lengths[row] - 1] = 1.0
+    return RolloutBatch(tokens, torch.tensor(lengths), mask, torch.tensor(rewards, dtype=torch.float32),
+                        [s.prompt_index for s in samples])
+
+
+def per_token(model, batch: RolloutBatch, pg, cfg: JobConfig, vocab: int, *, value_model: bool = False):
+    """Forward-only log-probs (or values) `[B, S-1]` of `batch` on every PP stage of this DP rank."""
+    from megatron_rlvr.models.forward import broadcast_from_last_stage, forward_backward, split_micro_batches
+
+    mbs = split_micro_batches(batch.tokens, cfg.train.micro_batch_size, lengths=batch.lengths)
+    with torch.no_grad():
+        out = forward_backward(model, mbs, pg, valid_vocab_size=vocab, temperature=cfg.rollout.temperature,
+                               value_model=value_model)
+    shape = batch.mask.shape
+    full = None
+    if out:
+        key = "values" if value_model else "logprobs"
+        full = torch.cat([torch.nn.functional.pad(o[key].float(), (0, shape[1] - o[key].shape[1])) for o in out])
+    return broadcast_from_last_stage(full, shape, torch.float32, pg) * batch.mask
+
+
+def _global_sum(value: torch.Tensor, group) -> torch.Tensor:
+    value = value.detach().clone().float()
+    dist.all_reduce(value, group=group)
+    return value
+
+
+def update_policy(models: Models, batch: RolloutBatch, pg, cfg: JobConfig, vocab: int, kl_coef: float) -> list[dict]:
+    """One optimizer step on `batch` (a mini-batch); returns the last stage's per-micro-batch stats."""
+    from megatron_rlvr.algorithms import aggregate_loss, get_policy_loss, kl_loss, loss_denominator
+    from megatron_rlvr.models.forward import forward_backward, split_micro_batches
+
+    algo = cfg.algorithm
+    norm = cfg.rollout.max_tokens
+    denominator = _global_sum(loss_denominator(batch.mask, algo.loss_agg_mode, norm), pg.dp)
+    policy_loss = get_policy_loss(algo.policy_loss)
+    kl_in_loss = kl_coef > 0 and algo.kl_mode == "loss"
+
+    def loss_fn(logprobs, entropy, mb):
+        f = mb.fields
+        old = f["old_logprobs"] if "old_logprobs" in f else logprobs.detach()
+        loss, stats = policy_loss(logprobs, old, f["advantages"], f["mask"], clip_low=algo.clip_low,
+                                  clip_high=algo.clip_high, loss_agg_mode=algo.loss_agg_mode, norm_constant=norm,
+                                  loss_denominator=denominator)
+        stats = {f"actor/{k}": v for k, v in stats.items()}
+        stats["loss/policy"] = loss.detach()
+        if kl_in_loss:
+            kl, kl_stats = kl_loss(logprobs, f["ref_logprobs"], f["mask"], kind=algo.kl_estimator,
+                                   loss_agg_mode=algo.loss_agg_mode, loss_denominator=denominator)
+            loss = loss + kl_coef * kl
+            stats["loss/kl"] = kl.detach()
+        if algo.entropy_coef:
+            ent = aggregate_loss(entropy, f["mask"], algo.loss_agg_mode, norm, denominator)
+            loss = loss - algo.entropy_coef * ent
+        if "ref_logprobs" in f:
+            # k1 token mean of KL(policy || reference) at update time: the curve Tülu 3 reports
+            stats["kl"] = ((logprobs.detach() - f["ref_logprobs"]) * f["mask"]).sum() / f["mask"].sum().clamp(min=1)
+        if entropy is not None:
+            stats["actor/entropy"] = ((entropy.detach() * f["mask"]).sum() / f["mask"].sum().clamp(min=1))
+        return loss, stats
+
+    fields = {"mask": batch.mask, **batch.fields}
+    mbs = split_micro_batches(batch.tokens, cfg.train.micro_batch_size, fields=fields, lengths=batch.lengths)
+    models.policy.zero_grad_buffer()
+    models.optimizer.zero_grad()
+    stats = forward_backward(models.policy, mbs, pg, valid_vocab_size=vocab, loss_fn=loss_fn,
+                             temperature=cfg.rollout.temperature, want_entropy=True)
+    ok, grad_norm, _ = models.optimizer.step()
+    for s in stats:
+        s["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        s["actor/update_skipped"] = float(not ok)
+    return stats
+
+
+def update_value(models: Models, batch: RolloutBatch, pg, cfg: JobConfig) -> list[dict]:
+    from megatron_rlvr.algorithms import clipped_value_loss, loss_denominator
+    from megatron_rlvr.models.forward import forward_backward, split_micro_batches
+
+    algo = cfg.algorithm
+    denominator = _global_sum(loss_denominator(batch.mask, algo.loss_agg_mode, cfg.rollout.max_tokens), pg.dp)
+
+    def loss_fn(values, _, mb):
+        f = mb.fields
+        loss, stats = clipped_value_loss(values, f["values"], f["returns"], f["mask"], clip_range=algo.value_clip,
+                                         loss_agg_mode=algo.loss_agg_mode, norm_constant=cfg.rollout.max_tokens,
+                                         loss_denominator=denominator)
+        return algo.value_loss_coef * loss, {"critic/vf_clipfrac": stats["vf_clipfrac"], "loss/value": loss.detach()}
+
+    fields = {"mask": batch.mask, "values": batch.fields["values"], "returns": batch.fields["returns"]}
+    mbs = split_micro_batches(batch.tokens, cfg.train.micro_batch_size, fields=fields, lengths=batch.lengths)
+    models.value.zero_grad_buffer()
+    models.value_optimizer.zero_grad()
+    stats = forward_backward(models.value, mbs, pg, valid_vocab_size=1, loss_fn=loss_fn, value_model=True)
+    models.value_optimizer.step()
+    return stats
+
+
+def set_lr(optimizer, base_lr: float, warmup: int, step: int) -> float:
+    from megatron_rlvr.checkpoint import _optimizers
+
+    lr = base_lr * min(1.0, step / warmup) if warmup else base_lr
+    for opt in _optimizers(optimizer):
+        for group in opt.param_groups:
+            group["lr"] = lr
+    return lr
+
+
+# ------------------------------------------------------------------------------------------------ stats
+
+
+def mean_stats(per_micro_batch: list[dict]) -> dict[str, float]:
+    keys = {k for s in per_micro_batch for k in s}
+    return {k: float(sum(float(s[k]) for s in per_micro_batch if k in s) / sum(k in s for s in per_micro_batch))
+            for k in sorted(keys)}
+
+
+def gather_mean(stats: dict[str, float] | None) -> dict[str, float]:
+    """Average `stats` over the ranks that pass one (last PP stage, TP rank 0); every rank gets the result."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, stats)
+    return mean_stats([s for s in gathered if s])
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(engine, prompts, cfg: JobConfig, tokenizer, pool, rank: int, seed: int) -> float:
+    """Greedy accuracy on `prompts` (the verifier's mean score), identical on every rank."""
+    samples = engine.generate([list(p.prompt_ids) for p in prompts], sampling_config(cfg, seed, greedy=True))
+    score = [0.0]
+    if rank == 0:
+        texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+        records = [(prompts[s.prompt_index].record.dataset, text, prompts[s.prompt_index].record.ground_truth)
+                   for s, text in zip(samples, texts)]
+        scores = pool.score(records)
+        score = [sum(scores) / len(scores)]
+    dist.broadcast_object_list(score, src=0)
+    return score[0]
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> dict:
+    """Run RLVR as configured; returns the last step's metrics (on every rank)."""
+    from transformers import AutoTokenizer
+
+    from megatron_rlvr.algorithms import compute_advantages, kl_reward_penalty, make_kl_controller
+    from megatron_rlvr.checkpoint import Checkpointer, export_hf, latest_checkpoint, remove_incomplete
+    from megatron_rlvr.data import PromptLoader, RLVRPromptDataset
+    from megatron_rlvr.metrics import MetricsWriter
+    from megatron_rlvr.parallel.state import init_distributed, init_model_parallel, seed_everything
+    from megatron_rlvr.platform import current_platform
+    from megatron_rlvr.rewards import RewardConfig, RewardPool, shape_rewards
+
+    # -- validate, then join the world and build the parallel groups
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.parallel.layout == "split":
+        raise NotImplementedError("parallel.layout=split: the trainer runs the colocated layout; use "
+                                  "parallel.layout=colocated")
+    rank, world = init_distributed()
+    dp_size = check_world(cfg, world)
+    seed_everything(cfg.train.seed)
+    pg = init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
+    platform = current_platform()
+    last_stage = pg.pp.rank() == pg.pp.size() - 1
+    reports = last_stage and pg.tp.rank() == 0
+
+    # -- models, data, rollout engine, rewards
+    models, arch = build_models(cfg, pg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    template = None if cfg.data.chat_template == "tokenizer" else cfg.data.chat_template
+    dataset = RLVRPromptDataset.from_files(cfg.data.train_files, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
+                                           chat_template=template, on_malformed=cfg.data.on_malformed)
+    eval_prompts = RLVRPromptDataset.from_files(cfg.data.eval_files, tokenizer,
+                                                max_prompt_length=cfg.data.max_prompt_length, chat_template=template,
+                                                on_malformed=cfg.data.on_malformed) if cfg.data.eval_files else None
+    loader = PromptLoader(dataset, cfg.train.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    engine = build_rollout(cfg, models, arch, pg, tokenizer, rollout_factory)
+    reward_cfg = RewardConfig(verified_reward=cfg.reward.verified_reward,
+                              truncation_penalty=cfg.reward.truncation_penalty,
+                              format_pattern=cfg.reward.format_pattern, format_reward=cfg.reward.format_reward)
+    pool = RewardPool(cfg.reward.workers, cfg.reward.timeout_s) if rank == 0 else None
+    kl_ctl = make_kl_controller(cfg.algorithm.kl_coef, cfg.algorithm.target_kl)
+
+    # -- resume
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    layout = {"world": world, "tp": pg.tp.size(), "pp": pg.pp.size(), "dp": dp_size}
+    named_models = {"policy": models.policy}
+    named_optimizers = {"policy": models.optimizer}
+    if models.value is not None:
+        named_models["value"] = models.value
+        named_optimizers["value"] = models.value_optimizer
+    checkpointer = Checkpointer(ckpt_root, named_models, named_optimizers, layout, keep=cfg.checkpoint.keep)
+    latest = [latest_checkpoint(ckpt_root) if rank == 0 else None]
+    dist.broadcast_object_list(latest, src=0)
+    start_step = 0
+    if latest[0] is not None:
+        state = checkpointer.load(latest[0])
+        start_step = state["step"]
+        loader.load_state_dict(state["loader"])
+        kl_ctl.load_state_dict(state["kl_controller"])
+        engine.sync_weights(models.policy)
+        if rank == 0:
+            logger.info("resumed from %s (step %d)", latest[0], start_step)
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        remove_incomplete(ckpt_root)
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    writer = MetricsWriter(cfg.output_dir, enabled=rank == 0, tensorboard=cfg.metrics.tensorboard,
+                           resume_step=start_step)
+    progress = None
+    if rank == 0 and cfg.metrics.progress_bar:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.train.steps, initial=start_step, desc="rlvr", dynamic_ncols=True)
+
+    algo = cfg.algorithm
+    prompts_per_rank = cfg.train.prompts_per_step // dp_size
+    needs_old = algo.ppo_epochs * algo.mini_batches > 1
+    record: dict = {}
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        step_start = time.perf_counter()
+        prompts = next(loader)
+
+        # 1. rollout: every rank takes part; all get every sample
+        t = time.perf_counter()
+        engine.wake()
+        samples = engine.generate([list(p.prompt_ids) for p in prompts],
+                                  sampling_config(cfg, seed=cfg.train.seed * 1_000_003 + step))
+        engine.sleep()
+        generate_s = time.perf_counter() - t
+
+        # 2. verify on rank 0 (one reward pool), shaped rewards to everyone
+        t = time.perf_counter()
+        scored = [None]
+        if rank == 0:
+            texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+            scores = pool.score((prompts[s.prompt_index].record.dataset, text,
+                                 prompts[s.prompt_index].record.ground_truth) for s, text in zip(samples, texts))
+            rewards = shape_rewards(scores, [s.finished for s in samples], texts, reward_cfg)
+            scored = [(scores, rewards)]
+        dist.broadcast_object_list(scored, src=0)
+        scores, rewards = scored[0]
+        verify_s = time.perf_counter() - t
+
+        # 3. this DP rank's prompt groups; log-probs of old policy / reference, values
+        t = time.perf_counter()
+        mine = range(pg.dp.rank() * prompts_per_rank, (pg.dp.rank() + 1) * prompts_per_rank)
+        local = [i for i, s in enumerate(samples) if s.prompt_index in mine]
+        batch = pack_rollouts([samples[i] for i in local], [rewards[i] for i in local], tokenizer.pad_token_id)
+        if needs_old:
+            batch.fields["old_logprobs"] = per_token(models.policy, batch, pg, cfg, arch.vocab_size)
+        kl_coef = kl_ctl.value
+        if models.reference is not None:
+            batch.fields["ref_logprobs"] = per_token(models.reference, batch, pg, cfg, arch.vocab_size)
+        values = per_token(models.value, batch, pg, cfg, 1, value_model=True) if models.value is not None else None
+
+        # 4. advantages (KL as a reward penalty for kl_mode=reward)
+        token_rewards = batch.token_rewards
+        kl_stats = {}
+        if models.reference is not None and algo.kl_mode == "reward":
+            current = batch.fields.get("old_logprobs")
+            if current is None:
+                current = per_token(models.policy, batch, pg, cfg, arch.vocab_size)
+            token_rewards, kl_stats = kl_reward_penalty(token_rewards, current, batch.fields["ref_logprobs"],
+                                                        batch.mask, beta=kl_coef, kind=algo.kl_estimator)
+        advantages, returns = compute_advantages(algo.advantage_estimator, token_rewards, batch.mask,
+                                                 group_ids=batch.group_ids, values=values, gamma=algo.gamma,
+                                                 lam=algo.lam)
+        batch.fields["advantages"] = advantages
+        if values is not None:
+            batch.fields["values"] = values
+            batch.fields["returns"] = returns
+        logprob_s = time.perf_counter() - t
+
+        # 5. mini-batch updates over whole prompt groups
+        t = time.perf_counter()
+        lr = set_lr(models.optimizer, cfg.train.optimizer.lr, cfg.train.optimizer.warmup_steps,
+                    (step - 1) * algo.ppo_epochs * algo.mini_batches + 1)
+        group_of_row = torch.tensor(batch.group_ids)
+        update_stats = []
+        for epoch in range(algo.ppo_epochs):
+            order = torch.randperm(prompts_per_rank, generator=torch.Generator().manual_seed(step * 7919 + epoch))
+            for chunk in order.chunk(algo.mini_batches):
+                chosen = torch.isin(group_of_row - mine.start, chunk).nonzero().flatten()
+                mini = batch.rows(chosen)
+                update_stats += update_policy(models, mini, pg, cfg, arch.vocab_size, kl_coef)
+                if models.value is not None:
+                    update_stats += update_value(models, mini, pg, cfg)
+        platform.synchronize()
+        train_s = time.perf_counter() - t
+
+        # 6. weight sync
+        t = time.perf_counter()
+        engine.sync_weights(models.policy)
+        sync_s = time.perf_counter() - t
+
+        # 7. metrics
+        local_stats = None
+        if reports:
+            local_stats = mean_stats(update_stats)
+            local_stats.update({f"kl_penalty/{k}": float(v) for k, v in kl_stats.items()})
+        stats = gather_mean(local_stats)
+        if algo.target_kl is not None and "kl_penalty/kl_seq" in stats:
+            kl_ctl.update(stats["kl_penalty/kl_seq"], len(samples))
+        response_lengths = [len(s.response_ids) for s in samples]
+        tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+        step_s = time.perf_counter() - step_start
+        record = {
+            "step": step,
+            "reward_mean": sum(rewards) / len(rewards),
+            "score_mean": sum(scores) / len(scores),
+            "kl": stats.pop("kl", 0.0),
+            "kl_coef": kl_coef,
+            "lr": lr,
+            "response_length/mean": sum(response_lengths) / len(response_lengths),
+            "response_length/max": max(response_lengths),
+            "response_length/clip_ratio": sum(not s.finished for s in samples) / len(samples),
+            "timing/generate_s": generate_s,
+            "timing/verify_s": verify_s,
+            "timing/logprob_s": logprob_s,
+            "timing/train_s": train_s,
+            "timing/sync_s": sync_s,
+            "timing/step_s": step_s,
+            "tokens_per_s": tokens / step_s,
+            "memory/peak_gib": platform.max_memory_allocated() / 2**30,
+            **stats,
+        }
+        if eval_prompts is not None and (
+            (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or step == cfg.train.steps
+        ):
+            record["eval/accuracy"] = evaluate(engine, eval_prompts, cfg, tokenizer, pool, rank, seed=step)
+        writer.log(record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.4f}",
+                                 step_s=f"{step_s:.1f}")
+
+        # checkpoint
+        interval = cfg.checkpoint.interval
+        if (interval and step % interval == 0) or step == cfg.train.steps:
+            checkpointer.save(step, {"loader": loader.state_dict(), "kl_controller": kl_ctl.state_dict()})
+
+    if cfg.checkpoint.export_hf:
+        export_hf(models.policy, arch, pg, cfg.model.path, os.path.join(cfg.output_dir, "hf"))
+    if progress is not None:
+        progress.close()
+    writer.close()
+    if pool is not None:
+        pool.close()
+    return record
+
