@@ -45,7 +45,7 @@ Record = tuple[str, str, Any]  # (dataset, prediction, ground_truth)
 
 # Warm-up records run once in each worker before it reports ready, so that imports and lazy initialisation
 # (math-verify's regexes, langdetect's language profiles) are not charged to the first real record's time limit.
-_WARM_UP: tuple[Record, ...] = (
+WARM_UP_RECORDS: tuple[Record, ...] = (
     ("gsm8k", "The answer is 4.", "#### 4"),
     ("math", "So $\\boxed{\\frac{1}{2}}$.", "0.5"),
     ("ifeval", "This is an English sentence.", '{"func_name": "validate_response_language", "language": "en"}'),
@@ -61,7 +61,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, verifier_modules: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it shuts the pool down
     for name in verifier_modules:
         importlib.import_module(name)
-    for record in _WARM_UP:
+    for record in WARM_UP_RECORDS:
         try:
             run_verifier(*record)
         except Exception:  # noqa: BLE001 - e.g. math-verify missing: reported on the first real math record
