@@ -173,7 +173,8 @@ def normalize_answer(answer: str) -> str:
 # The sympy comparison.
 
 _CLOSERS = {"(": ")", "[": "]", "{": "}"}
-_NUMERIC_RTOL = 1e-6  # the precision math-verify compares floats at (float_rounding=6)
+_DECIMAL_RTOL = 1e-6  # the precision math-verify compares floats at (float_rounding=6)
+_EXACT_RTOL = 1e-20
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -212,8 +213,9 @@ def _to_sympy(latex: str):
 
 
 def scalars_equal(first: str, second: str) -> bool:
-    """Whether two single LaTeX expressions are equal: exactly, numerically to 1e-6 relative, or symbolically
-    (`simplify(a - b) == 0`). Unparsable LaTeX is equal to nothing."""
+    """Whether two single LaTeX expressions are equal: structurally; symbolically (`simplify(a - b) == 0`) when
+    they have free symbols; exactly when both are rational numbers; otherwise numerically, to 1e-6 relative when
+    either holds a written decimal and to 1e-20 when both are exact. Unparsable LaTeX is equal to nothing."""
     if first == second:
         return True
     try:
@@ -231,10 +233,15 @@ def _sympy_scalars_equal(a, b) -> bool:
         return True
     if a.is_infinite or b.is_infinite:
         return False
-    if not a.free_symbols and not b.free_symbols:
-        value_a, value_b = complex(sympy.N(a, 30)), complex(sympy.N(b, 30))
-        return abs(value_a - value_b) <= _NUMERIC_RTOL * max(1.0, abs(value_b))
-    return sympy.simplify(a - b) == 0
+    if a.free_symbols or b.free_symbols:
+        return sympy.simplify(a - b) == 0
+    if a.is_Rational and b.is_Rational:
+        return False  # exact numbers that differ, however little: 1000001 is not 1000000
+    # A written decimal is an approximation, compared at math-verify's precision; exact irrationals
+    # (2\sqrt{2} vs \sqrt{8}) must agree to the precision of a 30-digit evaluation.
+    rtol = _DECIMAL_RTOL if a.has(sympy.Float) or b.has(sympy.Float) else _EXACT_RTOL
+    value_a, value_b = complex(sympy.N(a, 30)), complex(sympy.N(b, 30))
+    return abs(value_a - value_b) <= rtol * max(1.0, abs(value_b))
 
 
 def sympy_equal(first: str, second: str) -> bool:

@@ -187,6 +187,9 @@ class RewardPool:
         with self._lock:
             if self.closed:
                 raise RuntimeError("RewardPool.score called after close(); create a new pool")
+            if os.getpid() != self.pid:
+                raise RuntimeError(f"RewardPool created in process {self.pid} used in forked process "
+                                   f"{os.getpid()}; its workers belong to the parent: create a pool here")
             return self._score(records)
 
     def _start_worker(self) -> _Worker:
@@ -241,6 +244,8 @@ class RewardPool:
 
     def _collect(self, queue: collections.deque, records: list[Record], results: list, errors: list[str]) -> None:
         waiting = [w for w in self._workers if w.inflight or not w.ready]
+        if not waiting:
+            return
         now = time.monotonic()
         next_deadline = min(w.deadline if w.ready else w.started + _STARTUP_TIMEOUT_S for w in waiting)
         handles = [w.conn for w in waiting] + [w.process.sentinel for w in waiting]

@@ -44,6 +44,7 @@ CASES = {
     "trailing_period_in_box": ("\\boxed{5.}", "5", 1.0),
     # must score 0
     "wrong_number": ("\\boxed{3}", "4", 0.0),
+    "large_integers_differ_by_one": ("\\boxed{1000001}", "1000000", 0.0),
     "closed_vs_half_open": ("\\boxed{[1,3]}", "[1,3)", 0.0),
     "tuple_order": ("\\boxed{(2,1)}", "(1,2)", 0.0),
     "rounded_decimal": ("\\boxed{0.333}", "\\frac{1}{3}", 0.0),
@@ -134,6 +135,9 @@ def test_normalize(raw, normalized):
         ("(1,2)", "1, 2", False),
         ("\\{1,2\\}", "\\{1,3\\}", False),
         ("\\frac{1}{3}", "0.333", False),
+        ("1000001", "1000000", False),
+        ("\\sqrt{2}", "1.41421356237", True),
+        ("\\sqrt{2}", "\\frac{141421356237}{100000000000}", False),
         ("3", "4", False),
         ("\\frac{1}{", "1", False),
     ],

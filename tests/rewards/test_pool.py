@@ -144,3 +144,8 @@ def test_verify_scores_and_bounds_time():
             verify("ifeval", "x", json.dumps({"func_name": "nope"}))
     finally:
         configure_default_pool()
+
+
+def test_spawn_start_method():
+    with RewardPool(workers=1, timeout=30.0, start_method="spawn") as spawned:
+        assert spawned.score([("gsm8k", "so 12", "#### 12"), ("math", "\\boxed{3}", "4")]) == [1.0, 0.0]
