@@ -150,3 +150,15 @@ def test_sympy_fallback(first, second, equal):
 def test_malformed_ground_truth_raises(truth):
     with pytest.raises(RecordError, match="math ground truth"):
         run_verifier("math", "\\boxed{3}", truth)
+
+
+def test_math_verifier_works_off_the_main_thread():
+    """math-verify's default SIGALRM timeouts raise off the main thread; ours are switched off (the pool bounds
+    the time instead), so a trainer thread can score in-line."""
+    import threading
+
+    results = []
+    thread = threading.Thread(target=lambda: results.append(run_verifier("math", "\\boxed{\\dfrac{2}{4}}", "0.5")))
+    thread.start()
+    thread.join()
+    assert results == [1.0]
