@@ -78,8 +78,9 @@ class SDPAttention(MegatronModule):
         """
         if attention_bias is not None:
             raise ValueError("SDPAttention does not take an attention bias")
-        # packed sequences arrive as [t, 1, heads, d] (THD); SDPA wants [b, heads, s, d]
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        if query.dim() == 3:  # packed sequences (THD) arrive as [t, heads, d]: a batch of one
+            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # SDPA wants [b, heads, s, d]
         mask = None
         causal = True
         if packed_seq_params is not None:

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -29,14 +30,59 @@ LossFn = Callable[[torch.Tensor, Optional[torch.Tensor], "MicroBatch"], tuple[to
 
 @dataclasses.dataclass
 class MicroBatch:
-    """One micro-batch: right-padded tokens `[b, s]` and per-token tensors aligned with `tokens[:, 1:]`."""
+    """One micro-batch: right-padded tokens `[b, s]` and per-token tensors aligned with `tokens[:, 1:]`.
+
+    A packed micro-batch holds its b sequences back to back in `tokens` `[1, T]` with `lengths` `[b]`; the
+    model attends within each sequence only (RoPE positions restart per sequence), and `loss_fn` still sees
+    log-probs in the padded `[b, max_len - 1]` layout, so losses are written once for both.
+    """
 
     tokens: torch.Tensor
     fields: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    lengths: torch.Tensor | None = None
+    """per-sequence lengths of a packed micro-batch (None: padded layout)"""
 
     @property
     def labels(self) -> torch.Tensor:
         return self.tokens[:, 1:]
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """`[1, T-1]` per-position values of a packed micro-batch -> padded `[b, max_len-1]` (zeros past each end)."""
+        lengths = self.lengths.tolist()
+        out = packed.new_zeros(len(lengths), max(lengths) - 1)
+        start = 0
+        for row, length in enumerate(lengths):
+            out[row, : length - 1] = packed[0, start : start + length - 1]
+            start += length
+        return out
+
+
+def pack_micro_batches(
+    tokens: torch.Tensor, lengths: torch.Tensor, token_budget: int, fields: dict[str, torch.Tensor] | None = None
+) -> list[MicroBatch]:
+    """Pack right-padded sequences, in order, into micro-batches of at most `token_budget` tokens each.
+
+    A sequence longer than the budget gets a micro-batch of its own. Balancing which sequences go together is
+    the job of `megatron_rlvr.data.partition`; this only lays them out.
+    """
+    fields = fields or {}
+    groups, current, used = [], [], 0
+    for row, length in enumerate(lengths.tolist()):
+        if current and used + length > token_budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(row)
+        used += length
+    if current:
+        groups.append(current)
+    out = []
+    for rows in groups:
+        idx = torch.tensor(rows)
+        lens = lengths[idx]
+        width = int(lens.max())
+        packed = torch.cat([tokens[r, : int(lengths[r])] for r in rows]).unsqueeze(0)
+        out.append(MicroBatch(packed, {k: v[idx, : width - 1] for k, v in fields.items()}, lens))
+    return out
 
 
 def split_micro_batches(
@@ -95,6 +141,8 @@ def forward_backward(
     def loss_func(mb: MicroBatch, output: torch.Tensor):
         if value_model:
             values = output[:, :-1, 0].float()
+            if mb.lengths is not None:
+                values = mb.unpack(values)
             if loss_fn is None:
                 return values.sum() * 0, torch.tensor(1), {"values": values.detach()}
             loss, stats = loss_fn(values, None, mb)
@@ -102,6 +150,9 @@ def forward_backward(
             logprobs, entropy = _logits_to_logprobs(
                 output[:, :-1], mb.labels, pg.tp, valid_vocab_size, temperature, want_entropy or loss_fn is None
             )
+            if mb.lengths is not None:
+                logprobs = mb.unpack(logprobs)
+                entropy = mb.unpack(entropy) if entropy is not None else None
             if loss_fn is None:
                 return logprobs.sum() * 0, torch.tensor(1), {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
             loss, stats = loss_fn(logprobs, entropy, mb)
@@ -116,9 +167,20 @@ def forward_backward(
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         b, s = mb.tokens.shape
-        tokens = torch.nn.functional.pad(mb.tokens, (0, -s % multiple))
-        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(b, -1)
-        output = model(tokens, position_ids, None)
+        pad = -s % multiple
+        tokens = torch.nn.functional.pad(mb.tokens, (0, pad))
+        if mb.lengths is None:
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(b, -1)
+            output = model(tokens, position_ids, None)
+        else:
+            # the padding (if any) is one more sequence, so attention and RoPE stay within each real one
+            lengths = torch.cat([mb.lengths, mb.lengths.new_full((1,), pad)]) if pad else mb.lengths
+            position_ids = torch.cat([torch.arange(int(n)) for n in lengths]).unsqueeze(0).to(tokens.device)
+            cu = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(lengths, 0).to(torch.int32)])
+            cu = cu.to(tokens.device)
+            params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))
+            output = model(tokens, position_ids, None, packed_seq_params=params)
         return output, lambda out, mb=mb: loss_func(mb, out[:, :s])
 
     schedule = get_forward_backward_func(pp_size=pg.pp.size())
