@@ -144,7 +144,7 @@ def linear_token_logprobs(
         Gradients flow to `hidden` (summed over `group`; accumulated over vocab blocks in its dtype) and
         `weight`.
     """
-    check_logits_and_labels(hidden, labels, temperature, "linear_token_logprobs")
+    check_logits_and_labels(hidden, labels, temperature, "linear_token_logprobs", name="hidden")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"linear_token_logprobs: weight shape {tuple(weight.shape)} must be [V_local, {hidden.shape[-1]}] "

@@ -90,14 +90,16 @@ def as_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1]).contiguous()
 
 
-def check_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor, temperature: float, where: str) -> None:
-    """Raise a clear error for inputs the kernels do not take."""
+def check_logits_and_labels(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, where: str, name: str = "logits"
+) -> None:
+    """Raise a clear error for inputs the kernels do not take (`name`: what `logits` is called there)."""
     if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{where}: logits dtype {logits.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+        raise TypeError(f"{where}: {name} dtype {logits.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"{where}: labels must be integer vocab ids, got {labels.dtype}")
     if labels.device != logits.device:
-        raise ValueError(f"{where}: labels on {labels.device} but logits on {logits.device}; move them together")
+        raise ValueError(f"{where}: labels on {labels.device} but {name} on {logits.device}; move them together")
     if not temperature > 0:
         raise ValueError(f"{where}: temperature must be > 0, got {temperature}")
 

@@ -207,24 +207,32 @@ class Bench:
         current = dict(inputs)
 
         def reset(requires_grad: bool):
+            """Fresh leaves (no accumulated .grad); new copies only for kernels that overwrite inputs."""
             for key, value in originals.items():
                 tensor = value.clone() if fresh_inputs else value
                 current[key] = tensor.detach().requires_grad_(requires_grad)
+
+        def clear_grads():
+            for key in originals:
+                current[key].grad = None
 
         try:
             reset(False)
             with torch.no_grad():
                 out = _as_tuple(forward(**current))
                 result.max_abs_err = (out[0].float() - reference).abs().max().item()
-            result.fwd_ms = self.timer(lambda: forward(**current), setup=lambda: reset(False))
+            setup = (lambda: reset(False)) if fresh_inputs else None
+            result.fwd_ms = self.timer(lambda: forward(**current), setup=setup)
         except Exception as err:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
             result.skipped = _reason(err)
             return
         try:
             grads = [torch.randn(o.shape, device=self.device, dtype=o.dtype) for o in out]
             fwdbwd = lambda: torch.autograd.backward(_as_tuple(forward(**current)), grads)  # noqa: E731
-            result.fwdbwd_ms = self.timer(fwdbwd, setup=lambda: reset(True))
-            result.peak_mib = self.timer.peak_mib(fwdbwd, setup=lambda: reset(True))
+            reset(True)
+            setup = (lambda: reset(True)) if fresh_inputs else clear_grads
+            result.fwdbwd_ms = self.timer(fwdbwd, setup=setup)
+            result.peak_mib = self.timer.peak_mib(fwdbwd, setup=setup)
         except Exception as err:  # noqa: BLE001
             result.notes.append(f"fwd+bwd skipped: {_reason(err)}")
         finally:
