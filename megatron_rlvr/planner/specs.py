@@ -212,10 +212,12 @@ class Layout:
 class Efficiency:
     """Achieved fractions and rates: the measured inputs of the model, each with its source."""
 
-    train_mfu: float = 0.40
-    """Model FLOPs utilisation of forward+backward on the training GPUs (TP communication included).
-    ASSUMPTION from Megatron-LM's published weak-scaling runs of GPT models on H100 (41-47% MFU, the
-    NVIDIA/Megatron-LM README), rounded down; replace with `megatron-rlvr bench train`."""
+    train_mfu: float = 0.37
+    """Model FLOPs utilisation of forward+backward on the training GPUs, as a fraction of `bf16_tflops`.
+    MEASURED: `megatron-rlvr bench train --size 1b --seq-len 4096 --micro-batch 2 --micro-batches 2` on one
+    H100 ran 370 model TFLOP/s = 0.37 of the 989 TFLOP/s datasheet peak (docs/benchmarks.md; the 8B with full
+    recompute: 357 TFLOP/s). Single GPU: TP/DP communication at scale is not in this figure (Megatron-LM's
+    published H100 weak-scaling runs keep 41-47% MFU at scale with overlapped communication)."""
     gen_mfu: float = 0.5
     """Fraction of bf16 peak reached by prefill and batched-decode matmuls. ASSUMPTION."""
     hbm_efficiency: float = 0.8
