@@ -26,12 +26,14 @@ def pool():
         yield reward_pool
 
 
-def test_scores_match_inline_in_order(pool):
+def test_scores_match_inline_in_order():
     records = _table_records()
     # Interleave datasets so chunks mix verifiers; order must still come back as given.
     records = records[::2] + records[1::2]
     expected = [run_verifier(*record) for record in records]
-    assert pool.score(records) == expected
+    # A generous limit: this compares scores, and a loaded CI machine must not turn a slow record into a 0.
+    with RewardPool(workers=2, timeout=60.0, max_chunk=4) as roomy_pool:
+        assert roomy_pool.score(records) == expected
     assert 0 < sum(expected) < len(expected)
 
 
