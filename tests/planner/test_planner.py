@@ -101,7 +101,7 @@ def test_train_flops_hand_computed():
     # old-policy log-probs (1 forward) + one epoch of forward+backward (3 forwards), 8 sequences x 32 tokens
     flops = 8 * 32 * 4 * forward
     assert plan.train.facts["PFLOP per step"] == pytest.approx(flops / 1e15)
-    assert plan.train.parts["compute"] == pytest.approx(flops / (8 * 989e12 * 0.40))
+    assert plan.train.parts["compute"] == pytest.approx(flops / (8 * 989e12 * Efficiency().train_mfu))
     assert plan.train.parts["pipeline bubble"] == pytest.approx(plan.train.parts["compute"] * (2 - 1) / 4)
 
 
