@@ -4,33 +4,9 @@ Configs name an algorithm by string (`advantage_estimator: grpo`, `policy_loss: 
 name here once, so adding an algorithm is one decorated function and no edits elsewhere.
 """
 
-from typing import Callable, Dict
+from typing import Callable
 
-
-class Registry:
-    """A named table of functions, filled by a decorator and read with a clear error for unknown names."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._table: Dict[str, Callable] = {}
-
-    def register(self, name: str) -> Callable[[Callable], Callable]:
-        def decorator(fn: Callable) -> Callable:
-            if name in self._table:
-                raise ValueError(f"{self.kind} {name!r} is already registered (by {self._table[name].__qualname__})")
-            self._table[name] = fn
-            return fn
-
-        return decorator
-
-    def get(self, name: str) -> Callable:
-        if name not in self._table:
-            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._table))}")
-        return self._table[name]
-
-    def names(self):
-        return sorted(self._table)
-
+from megatron_rlvr.registry import Registry
 
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 POLICY_LOSSES = Registry("policy loss")

@@ -17,9 +17,10 @@ import json
 import re
 from typing import Any, Callable
 
-from megatron_rlvr.rewards.registry import NameTable, RecordError, register_verifier
+from megatron_rlvr.registry import Registry
+from megatron_rlvr.rewards.registry import RecordError, register_verifier
 
-IFEVAL_FUNCTIONS = NameTable("IFEval function")
+IFEVAL_FUNCTIONS = Registry("IFEval function")
 _constraint = IFEVAL_FUNCTIONS.register
 
 QUANTIFIERS = ("at least", "around", "at most")

@@ -8,42 +8,13 @@ the reward pool runs it inside worker processes that it can kill, and `verify` g
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
+
+from megatron_rlvr.registry import Registry
 
 Verifier = Callable[[str, Any], float]
-F = TypeVar("F", bound=Callable)
 
-
-class NameTable:
-    """Functions by name, filled by a decorator; unknown names are a ValueError listing the known ones.
-
-    Kept here rather than shared with `megatron_rlvr.algorithms`, whose package imports torch: reward workers
-    import this module on start-up and must stay light.
-    """
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._table: dict[str, Callable] = {}
-
-    def register(self, name: str) -> Callable[[F], F]:
-        def decorator(fn: F) -> F:
-            if name in self._table:
-                raise ValueError(f"{self.kind} {name!r} is already registered (by {self._table[name].__qualname__})")
-            self._table[name] = fn
-            return fn
-
-        return decorator
-
-    def get(self, name: str) -> Callable:
-        if name not in self._table:
-            raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
-        return self._table[name]
-
-    def names(self) -> list[str]:
-        return sorted(self._table)
-
-
-VERIFIERS = NameTable("verifier dataset")
+VERIFIERS = Registry("verifier dataset")
 register_verifier = VERIFIERS.register
 
 
