@@ -12,6 +12,7 @@ a list).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -62,6 +63,8 @@ class ParallelConfig:
     """Tensor-parallel size of one rollout engine."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over the data-parallel group (megatron-core's distributed optimizer)."""
+    world_size: int = 0
+    """Ranks the job is meant to run on (0: any that fits the layout); checked at launch, planned by --dry-run."""
 
 
 @dataclasses.dataclass
@@ -257,6 +260,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `3e-7` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -307,7 +316,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> JobConfig:
-    tree = dict(data or {})
+    tree = copy.deepcopy(dict(data or {}))
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     return _build(JobConfig, tree)
@@ -461,6 +470,8 @@ def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool
     if not cfg.model.path:
         raise ConfigError("model.path is empty: set it to a HuggingFace Llama directory (model.path=/path/to/model)")
     arch, source = model_arch(cfg.model.path, cfg.model.shape, "model.path")
+    if arch is not None and source != cfg.model.path:
+        unchecked.append(cfg.model.path)
     if arch is None:
         if check_paths:
             raise ConfigError(f"model.path={cfg.model.path!r} has no config.json: point it at a HuggingFace Llama "
@@ -470,6 +481,8 @@ def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool
         check_model_parallel(arch, source, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
     if algo.advantage_estimator == "gae" and cfg.model.value_path:
         value_arch, value_source = model_arch(cfg.model.value_path, cfg.model.value_shape, "model.value_path")
+        if value_arch is not None and value_source != cfg.model.value_path:
+            unchecked.append(cfg.model.value_path)
         if value_arch is None:
             if check_paths:
                 raise ConfigError(f"model.value_path={cfg.model.value_path!r} has no config.json: point it at a "
@@ -500,6 +513,9 @@ def check_world(cfg: JobConfig, world_size: int) -> int:
     """Raise ConfigError unless `world_size` ranks fit the layout; returns the data-parallel size."""
     par = cfg.parallel
     model_parallel = par.tensor_parallel * par.pipeline_parallel
+    if par.world_size and par.world_size != world_size:
+        raise ConfigError(f"the job runs on {world_size} ranks but parallel.world_size={par.world_size}: launch "
+                          f"{par.world_size} ranks, or set parallel.world_size={world_size} (0 accepts any)")
     if par.layout == "split":
         if par.rollout_ranks < 1:
             raise ConfigError("parallel.layout=split needs parallel.rollout_ranks >= 1 (ranks that only generate)")

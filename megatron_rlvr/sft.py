@@ -61,7 +61,7 @@ class SFTConfig:
 def load_sft_config(path: str | None, overrides=()) -> SFTConfig:
     import yaml
 
-    data = {}
+    data: dict = {}
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")

@@ -385,6 +385,10 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
 
         progress = tqdm(total=cfg.train.steps, initial=start_step, desc="rlvr", dynamic_ncols=True)
 
+    if eval_prompts is not None and start_step == 0:
+        # the starting policy's accuracy, the baseline of the eval curve
+        writer.log({"step": 0, "eval/accuracy": evaluate(engine, eval_prompts, cfg, tokenizer, pool, rank, seed=0)})
+
     algo = cfg.algorithm
     prompts_per_rank = cfg.train.prompts_per_step // dp_size
     needs_old = algo.ppo_epochs * algo.mini_batches > 1

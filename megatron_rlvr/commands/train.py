@@ -43,8 +43,6 @@ def run(args: argparse.Namespace) -> int:
         overrides = list(args.overrides) + (["checkpoint.export_hf=true"] if args.export_hf else [])
         cfg = load_config(args.config, overrides)
         if args.dry_run:
-            from megatron_rlvr.dry_run import dry_run_report
-
             print(dry_run_report(cfg, args.world_size))
             return 0
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -56,3 +54,84 @@ def run(args: argparse.Namespace) -> int:
 
     train(cfg)
     return 0
+
+
+def _groups(tp: int, pp: int, dp: int, offset: int) -> dict[str, list[list[int]]]:
+    """megatron-core's rank order over a block of ranks starting at `offset`: TP fastest, then DP, then PP."""
+    def rank(t, d, p):
+        return offset + t + tp * (d + dp * p)
+
+    return {
+        "tensor": [[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        "pipeline": [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
+        "data": [[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
+    }
+
+
+def _show(groups: list[list[int]], limit: int = 4) -> str:
+    shown = " ".join(str(g) for g in groups[:limit])
+    return f"{len(groups)} x {len(groups[0])} ranks: {shown}" + (" ..." if len(groups) > limit else "")
+
+
+def dry_run_report(cfg, world_size: int | None = None) -> str:
+    """Validate `cfg` for `world_size` ranks (default: parallel.world_size, WORLD_SIZE, or the smallest world the
+    layout fits) and describe layout, process groups and the planner's per-GPU memory estimate."""
+    from megatron_rlvr.config import check_world, training_world
+    from megatron_rlvr.planner import CLUSTER_PRESETS, ClusterSpec, Layout, load_model, make_plan
+    from megatron_rlvr.planner.plan import GIB
+
+    par = cfg.parallel
+    split = par.layout == "split"
+    world = world_size or par.world_size or int(os.environ.get("WORLD_SIZE", "0")) or (
+        (par.rollout_ranks if split else 0) + par.tensor_parallel * par.pipeline_parallel)
+    missing = validate(cfg, world, check_paths=False)
+    dp = check_world(cfg, world)
+    train_ranks = training_world(cfg, world)
+    offset = world - train_ranks
+    out = [f"config valid for a world of {world} ranks",
+           f"layout {par.layout}: training ranks {offset}..{world - 1} as TP {par.tensor_parallel} x "
+           f"PP {par.pipeline_parallel} x DP {dp}" + (" (sequence parallel)" if par.sequence_parallel else ""),
+           f"rollout: backend {cfg.rollout.backend}, "
+           + (f"ranks 0..{offset - 1} as {offset // par.rollout_tensor_parallel} engine(s)" if split
+              else f"every rank, {world // par.rollout_tensor_parallel} engine(s)")
+           + f" of TP {par.rollout_tensor_parallel}; {cfg.train.prompts_per_step} prompts x {cfg.rollout.n} samples "
+           f"per step, up to {cfg.rollout.max_tokens} new tokens",
+           f"algorithm: {cfg.algorithm.advantage_estimator} advantages, {cfg.algorithm.policy_loss} loss, "
+           f"KL beta {cfg.algorithm.kl_coef} ({cfg.algorithm.kl_mode}), lr {cfg.train.optimizer.lr}",
+           "", "process groups (global ranks):"]
+    if split:
+        out.append(f"  rollout    {_show([list(range(s, s + par.rollout_tensor_parallel)) for s in range(0, offset, par.rollout_tensor_parallel)])}")
+    for name, groups in _groups(par.tensor_parallel, par.pipeline_parallel, dp, offset).items():
+        out.append(f"  {name:<10} {_show(groups)}")
+    local = bool(cfg.model.path) and os.path.isfile(os.path.join(cfg.model.path, "config.json"))
+    spec = load_model(cfg.model.path if local else cfg.model.shape) if (local or cfg.model.shape) else None
+    if spec is not None:
+        value = ""
+        if cfg.algorithm.advantage_estimator == "gae":
+            value_local = cfg.model.value_path and os.path.isfile(os.path.join(cfg.model.value_path, "config.json"))
+            value = cfg.model.value_path if value_local else (cfg.model.value_shape or (
+                cfg.model.path if local else cfg.model.shape))
+        layout = Layout(
+            placement=par.layout, train_gpus=train_ranks, tp=par.tensor_parallel, pp=par.pipeline_parallel, dp=dp,
+            rollout_tp=par.rollout_tensor_parallel, rollout_gpus=offset if split else world,
+            rollout_eager=cfg.rollout.enforce_eager, rollout_memory_fraction=cfg.rollout.gpu_memory_utilization,
+            value_model=value, kl_beta=cfg.algorithm.kl_coef, prompts_per_step=cfg.train.prompts_per_step,
+            samples_per_prompt=cfg.rollout.n, prompt_len=max(cfg.data.max_prompt_length // 2, 1),
+            max_prompt_len=cfg.data.max_prompt_length, response_len=cfg.rollout.max_tokens,
+            ppo_epochs=cfg.algorithm.ppo_epochs, micro_batch_size=cfg.train.micro_batch_size,
+            recompute="full" if cfg.model.recompute else "none")
+        plan = make_plan(spec, ClusterSpec(gpus=world, **CLUSTER_PRESETS["h100-80g"]), layout)
+        out += ["", f"per-GPU memory estimate on H100 80 GB (megatron-rlvr plan; model {spec.name}, "
+                    f"{spec.params / 1e9:.2f} B parameters):"]
+        if plan.train_memory is not None:
+            out.append(f"  training ({plan.train_memory.stage}): "
+                       + ", ".join(f"{k} {v / GIB:.1f}" for k, v in plan.train_memory.items())
+                       + f"; total {plan.train_memory.total / GIB:.1f} GiB")
+        if plan.rollout_memory is not None:
+            out.append(f"  rollout: " + ", ".join(f"{k} {v / GIB:.1f}" for k, v in plan.rollout_memory.items())
+                       + f"; total {plan.rollout_memory.total / GIB:.1f} GiB")
+        for problem in plan.problems:
+            out.append(f"  planner problem: {problem.what} (fix: {problem.fix})")
+    if missing:
+        out += ["", "not on this machine (needed at launch): " + ", ".join(missing)]
+    return "\n".join(out)

@@ -26,9 +26,11 @@ SUB = ("{name} has {a} {item} and gives away {b}. How many {item} are left?",
        "{name} had {a} {item} and lost {b} of them. How many {item} does {name} have?")
 
 
-def make_problem(rng: random.Random) -> dict:
-    """One problem: question, solution (the equation) and answer; differences are never negative."""
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
+def make_problem(rng: random.Random, digits: int = 2) -> dict:
+    """One problem on `digits`-digit operands: question, solution (the equation) and answer; differences are never
+    negative."""
+    low, high = (0, 9) if digits == 1 else (10 ** (digits - 1), 10 ** digits - 1)
+    a, b = rng.randint(low, high), rng.randint(low, high)
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     if rng.random() < 0.5:
         question = rng.choice(ADD).format(name=name, item=item, a=a, b=b)
@@ -50,18 +52,22 @@ def sft_record(problem: dict) -> dict:
                          {"role": "assistant", "content": problem["solution"]}]}
 
 
-def write_task(directory: str, *, num_train: int = 4000, num_eval: int = 200, seed: int = 0) -> dict[str, str]:
+def write_task(directory: str, *, num_train: int = 4000, num_eval: int = 200, seed: int = 0,
+               digits: int = 2) -> dict[str, str]:
     """Write train.jsonl, eval.jsonl and sft.jsonl under `directory`; returns their paths by name."""
     rng = random.Random(seed)
+    distinct = (2 * (10 if digits == 1 else 9 * 10 ** (digits - 1))) ** 2
+    if num_eval > distinct // 4:
+        raise ValueError(f"num_eval={num_eval} is too many for {digits}-digit problems; use at most {distinct // 4}")
     eval_problems, eval_keys = [], set()
     while len(eval_problems) < num_eval:
-        problem = make_problem(rng)
+        problem = make_problem(rng, digits)
         if problem["key"] not in eval_keys:
             eval_keys.add(problem["key"])
             eval_problems.append(problem)
     train_problems = []
     while len(train_problems) < num_train:
-        problem = make_problem(rng)
+        problem = make_problem(rng, digits)
         if problem["key"] not in eval_keys:
             train_problems.append(problem)
     os.makedirs(directory, exist_ok=True)
