@@ -87,3 +87,57 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def init_model_parallel_block(
+    tp: int = 1, pp: int = 1, *, rank_offset: int = 0, num_ranks: int | None = None, seed: int = 1234
+) -> ProcessGroupCollection | None:
+    """TP x PP x DP groups over the rank block `[rank_offset, rank_offset + num_ranks)` of the world.
+
+    For layouts where the training ranks are only part of the world (the split layout: rollout ranks beside
+    them). The groups are explicit (megatron-core's `HyperCommGrid`, same rank order as
+    `initialize_model_parallel`: TP fastest, then CP, DP, PP), and megatron's global `parallel_state` is left
+    untouched, so pass the returned collection to the model, DDP, the optimizer and the schedule.
+
+    Collective over the WHOLE world (torch's `new_group` is): every rank calls it with the same arguments, in
+    the same order relative to its other group creations. Ranks outside the block get None.
+    """
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+
+    current_platform().activate()
+    world = dist.get_world_size()
+    num_ranks = world - rank_offset if num_ranks is None else num_ranks
+    if rank_offset < 0 or num_ranks < 1 or rank_offset + num_ranks > world:
+        raise ValueError(
+            f"rank block [{rank_offset}, {rank_offset + num_ranks}) does not lie inside the world of {world} ranks"
+        )
+    dims = ParallelDims.for_world(num_ranks, tp, pp)
+    grid = HyperCommGrid([dims.tp, 1, dims.dp, dims.pp], ["tp", "cp", "dp", "pp"], rank_offset=rank_offset)
+    # one group per grid combination; the order of these calls is part of the collective contract
+    groups = {
+        "tp": grid.create_pg("tp"),
+        "cp": grid.create_pg("cp"),
+        "dp": grid.create_pg("dp"),
+        "pp": grid.create_pg("pp"),
+        "mp": grid.create_pg(["tp", "pp"]),
+        "tp_cp": grid.create_pg(["tp", "cp"]),
+        "dp_cp": grid.create_pg(["cp", "dp"]),
+        "tp_dp_cp": grid.create_pg(["tp", "cp", "dp"]),
+        "all": grid.create_pg(["tp", "cp", "dp", "pp"]),
+    }
+    # embedding groups join the first and last pipeline stage of each PP group (megatron's rule)
+    embd_ranks = [sorted({r[0], r[-1]}) for r in grid.get_rank_enum("pp")]
+    groups["embd"], _ = dist.new_subgroups_by_enumeration(embd_ranks)
+    groups["pos_embd"], _ = dist.new_subgroups_by_enumeration([[r[0]] for r in grid.get_rank_enum("pp")])
+    # a dense model: no expert parallelism (EP = 1), expert TP = TP, expert DP = DP
+    groups["ep"], _ = dist.new_subgroups_by_enumeration([[r] for r in range(rank_offset, rank_offset + num_ranks)])
+    if not rank_offset <= dist.get_rank() < rank_offset + num_ranks:
+        return None
+    model_parallel_cuda_manual_seed(seed, tp_rank=groups["tp"].rank(), ep_rank=0, etp_rank=groups["tp"].rank())
+    return ProcessGroupCollection(
+        tp=groups["tp"], cp=groups["cp"], dp=groups["dp"], pp=groups["pp"], mp=groups["mp"],
+        tp_cp=groups["tp_cp"], dp_cp=groups["dp_cp"], tp_dp_cp=groups["tp_dp_cp"],
+        embd=groups["embd"], pos_embd=groups["pos_embd"],
+        ep=groups["ep"], expt_tp=groups["tp"], expt_dp=groups["dp"], tp_ep=groups["tp"], tp_ep_pp=groups["mp"],
+        intra_dp_cp=groups["dp_cp"], intra_expt_dp=groups["dp"], intra_dist_opt=groups["all"], hcp=[groups["cp"]],
+    )

