@@ -104,20 +104,23 @@ def build_models(cfg: JobConfig, pg):
 # ------------------------------------------------------------------------------------------------ rollout
 
 
-def build_rollout(cfg: JobConfig, models: Models, arch, pg, tokenizer, factory: RolloutFactory | None = None):
-    """The rollout engine of `cfg.rollout.backend` (`megatron_rlvr.rollout.build_rollout_engine`), or what
-    `factory(cfg, model, arch, pg, tokenizer)` builds (tests)."""
+def build_rollout(cfg: JobConfig, models: Models, arch, pg, tokenizer, groups=None,
+                  factory: RolloutFactory | None = None):
+    """The rollout engine of `cfg.rollout.backend`, or what `factory(cfg, model, arch, pg, tokenizer)` builds
+    (tests). megatron: `rollout.megatron_engine.MegatronEngine` over the policy itself (any TP x PP); vllm:
+    `rollout.build_rollout_engine` over the layout's groups (`groups`, from `parallel.layout.init_layout`)."""
     if factory is not None:
         return factory(cfg, models.policy, arch, pg, tokenizer)
-    try:
-        from megatron_rlvr.rollout import build_rollout_engine
-    except ImportError as err:
-        raise RuntimeError(
-            f"rollout.backend={cfg.rollout.backend!r}: megatron_rlvr.rollout.build_rollout_engine is not available "
-            f"in this installation ({err})"
-        ) from None
-    return build_rollout_engine(cfg.rollout.backend, cfg=cfg, model=models.policy, arch=arch, pg=pg,
-                                tokenizer=tokenizer)
+    if cfg.rollout.backend == "megatron":
+        from megatron_rlvr.rollout.megatron_engine import MegatronEngine, eos_token_ids
+
+        return MegatronEngine(models.policy, pg, arch, eos_token_ids(cfg.model.path), pad_id=tokenizer.pad_token_id)
+    from megatron_rlvr.rollout import build_rollout_engine
+
+    return build_rollout_engine(cfg.rollout.backend, groups, cfg.model.path, model=models.policy,
+                                dtype=cfg.model.dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                                enforce_eager=cfg.rollout.enforce_eager,
+                                max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_tokens)
 
 
 def sampling_config(cfg: JobConfig, seed: int, *, greedy: bool = False):
@@ -331,7 +334,17 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
     rank, world = init_distributed()
     dp_size = check_world(cfg, world)
     seed_everything(cfg.train.seed)
-    pg = init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
+    groups = None
+    if cfg.rollout.backend == "vllm" and rollout_factory is None:
+        # vLLM engines need their own groups next to megatron's, all created in one order on every rank
+        from megatron_rlvr.parallel.layout import init_layout, make_layout
+
+        layout = make_layout(cfg.parallel.layout, world, train_tp=cfg.parallel.tensor_parallel,
+                             train_pp=cfg.parallel.pipeline_parallel, rollout_tp=cfg.parallel.rollout_tensor_parallel)
+        groups = init_layout(layout, seed=cfg.train.seed)
+        pg = groups.pg
+    else:
+        pg = init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
     platform = current_platform()
     last_stage = pg.pp.rank() == pg.pp.size() - 1
     reports = last_stage and pg.tp.rank() == 0
@@ -346,7 +359,7 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
                                                 max_prompt_length=cfg.data.max_prompt_length, chat_template=template,
                                                 on_malformed=cfg.data.on_malformed) if cfg.data.eval_files else None
     loader = PromptLoader(dataset, cfg.train.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
-    engine = build_rollout(cfg, models, arch, pg, tokenizer, rollout_factory)
+    engine = build_rollout(cfg, models, arch, pg, tokenizer, groups, rollout_factory)
     reward_cfg = RewardConfig(verified_reward=cfg.reward.verified_reward,
                               truncation_penalty=cfg.reward.truncation_penalty,
                               format_pattern=cfg.reward.format_pattern, format_reward=cfg.reward.format_reward)
