@@ -76,6 +76,7 @@ class VllmEngine:
         self.stream = WeightStream(groups, self.arch, bucket_mb=bucket_mb)
         self.llm = None
         self._sleeping = False
+        self._closed = False
         self._kv_bytes: list[int] = []
         if self.layout.is_rollout(groups.rank):
             if current_platform().device_type == "cpu":
@@ -175,9 +176,15 @@ class VllmEngine:
         platform.synchronize()
         dist.barrier()
         seconds = time.perf_counter() - start
-        check_logprobs(self.groups, model, self.prompt_logprobs, probe_tokens(self.arch.vocab_size),
-                       self.arch.vocab_size, self.verify_atol)
+        self.verify(model)
         return SyncStats(bytes=self.stream.last_bytes, seconds=seconds, verified=True)
+
+    def verify(self, model: torch.nn.Module | None) -> float:
+        """Probe check that every engine computes what the trainer's `model` does; raises `SyncMismatchError`.
+
+        Collective; returns the largest log-prob difference seen."""
+        return check_logprobs(self.groups, model, self.prompt_logprobs, probe_tokens(self.arch.vocab_size),
+                              self.arch.vocab_size, self.verify_atol)
 
     # --- memory -------------------------------------------------------------------------------------------
 
@@ -208,20 +215,22 @@ class VllmEngine:
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
-        """Tear vLLM's process groups down while they are valid (call before the world is destroyed).
+        """Detach vLLM from the process groups; call once, after the last use, before the world is destroyed.
 
-        Left to vLLM's exit hook, they would be destroyed after the torchrun world, which fails noisily.
+        vLLM's shutdown hook (run when the `LLM` is garbage-collected or at exit) destroys its groups and then
+        the whole torch.distributed world. Destroying vLLM's groups while the world lives is no better: with
+        `external_launcher` some of them compare equal to the default group they were built under, and
+        destroying those tears the world down. So vLLM's group registry is cleared, the `LLM` object is kept
+        until the process exits, and torch releases the groups with the world.
         """
-        if self.llm is None:
+        if self.llm is None or self._closed:
             return
         from vllm.distributed import parallel_state as vllm_state
 
-        with group_as_world(self.groups.engine_group):
-            vllm_state.destroy_model_parallel()
-            if vllm_state._WORLD is not None:
-                vllm_state._WORLD.destroy()
-                vllm_state._WORLD = None
-        self.llm = None
+        for name in ("_WORLD", "_TP", "_PP", "_DP", "_EP", "_ETP", "_DCP", "_PCP", "_EPLB", "_ENGRAM_DP"):
+            if hasattr(vllm_state, name):
+                setattr(vllm_state, name, None)
+        self._closed = True
 
     def kv_cache_bytes(self) -> int:
         """Bytes held by this rank's KV cache now (0 while asleep on CPU)."""
