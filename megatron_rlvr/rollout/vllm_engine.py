@@ -51,6 +51,16 @@ def _unique_cpu_shm_names(prefix: str):
         shm.make_group_name = original
 
 
+# vLLM pads the vocab of these to a multiple of 64 per TP rank, so its layer-wise reload never sees them
+# "complete" and processes them only at the end: they must outlive the stream's reused receive buffers
+_DEFERRED = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _keep_deferred(weights):
+    for name, tensor in weights:
+        yield name, tensor.clone() if name in _DEFERRED else tensor
+
+
 class VllmEngine:
     """`RolloutEngine` over in-process vLLM engines; every method is collective over the whole world."""
 
@@ -77,7 +87,7 @@ class VllmEngine:
         self.llm = None
         self._sleeping = False
         self._closed = False
-        self._kv_bytes: list[int] = []
+        self._kv_storages: list = []
         if self.layout.is_rollout(groups.rank):
             if current_platform().device_type == "cpu":
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
@@ -95,6 +105,10 @@ class VllmEngine:
                     gpu_memory_utilization=gpu_memory_utilization,
                     enforce_eager=enforce_eager,
                     seed=seed,
+                    # a whole step's prompts fit in one batch, so no prompt is prefilled in chunks: vLLM rewinds
+                    # a seeded request's generator after a partial prefill, which CPU generators cannot do
+                    # ("CPU Generator does not use offset")
+                    max_num_batched_tokens=max(max_num_seqs * max_model_len, 8192),
                     # the sampled token's log-prob after temperature / top-p, as the sampler drew it
                     logprobs_mode="processed_logprobs",
                 )
@@ -170,7 +184,7 @@ class VllmEngine:
         start = time.perf_counter()
         weights = self.stream.run(model)
         if self.llm is not None:
-            self._model_runner().reload_weights(weights_iterator=weights)
+            self._model_runner().reload_weights(weights_iterator=_keep_deferred(weights))
             # cached prefixes hold keys/values computed with the old weights
             self.llm.reset_prefix_cache()
         platform.synchronize()
@@ -196,10 +210,14 @@ class VllmEngine:
             with group_as_world(self.groups.engine_group):
                 self.llm.sleep(level=2 if self.layout.kind == "colocated" else 1)
             return
-        caches = self._model_runner().kv_caches
-        self._kv_bytes = [t.untyped_storage().nbytes() for t in caches]
-        for t in caches:
-            t.untyped_storage().resize_(0)
+        # the layers' caches may be views of one shared buffer: free (and later restore) each storage once
+        unique = {}
+        for t in self._model_runner().kv_caches:
+            storage = t.untyped_storage()
+            unique.setdefault(storage.data_ptr(), (storage, storage.nbytes()))
+        self._kv_storages = list(unique.values())
+        for storage, _ in self._kv_storages:
+            storage.resize_(0)
 
     def wake(self) -> None:
         if self.llm is None or not self._sleeping:
@@ -209,8 +227,9 @@ class VllmEngine:
             with group_as_world(self.groups.engine_group):
                 self.llm.wake_up()
             return
-        for t, nbytes in zip(self._model_runner().kv_caches, self._kv_bytes):
-            t.untyped_storage().resize_(nbytes)
+        for storage, nbytes in self._kv_storages:
+            storage.resize_(nbytes)
+        for t in self._model_runner().kv_caches:
             t.zero_()
         self.llm.reset_prefix_cache()
 

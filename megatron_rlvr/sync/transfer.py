@@ -4,14 +4,18 @@ No rank ever holds the whole model in one piece: senders pack one bucket of thei
 assemble the full tensors of one bucket (from the TP shards of all senders of that pipeline stage) and hand
 them to the consumer (vLLM's layer-wise reload) before the next-but-one bucket arrives.
 
-- split layout (`split_stream`): each sender, the data-parallel replica 0 of every (pp, tp) position,
+- split layout: each sender, the data-parallel replica 0 of every (pp, tp) position,
   broadcasts its buckets over the group {sender} + rollout ranks. Bucket k+1 is packed (sender) or already
-  in flight (receiver) while bucket k is on the wire or being loaded: two buffers per sender alive at most.
-- colocated layout (`colocated_stream`): every rank holds a replica of the training shards. With training
+  in flight (receiver) while bucket k is on the wire or being loaded: `depth` buffers per sender at most.
+- colocated layout: every rank holds a replica of the training shards. With training
   TP = 1 the rank already has every full tensor and they are handed over as views (no copy, no collective);
   with TP > 1 the shards of one bucket are all-gathered over the training TP group, again one bucket ahead.
 
 Every rank's role follows from the layout, so `WeightStream.run(model)` is called on all ranks alike.
+
+Buffers are persistent and reused (`depth` per sender): a tensor handed to the consumer stays valid until the
+consumer has taken the next bucket, then its memory is overwritten. A consumer that keeps a tensor longer
+must copy it (`rollout.vllm_engine` does for the vocab tables, whose padded shards vLLM processes last).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from megatron_rlvr.models.llama import LlamaArch
 from megatron_rlvr.models.weights import TIED_OUTPUT, unwrap
 from megatron_rlvr.parallel.layout import LayoutGroups
 from megatron_rlvr.platform import current_platform
-from megatron_rlvr.sync.buckets import Bucket, TensorMeta, pack, plan_buckets, unpack
+from megatron_rlvr.sync.buckets import DTYPES, Bucket, TensorMeta, pack, plan_buckets, unpack
 
 HFTensors = Iterator[tuple[str, torch.Tensor]]
 
@@ -55,13 +59,16 @@ class WeightStream:
     fully: the collectives happen as it is consumed); on the other ranks it sends and returns an empty iterator.
     """
 
-    def __init__(self, groups: LayoutGroups, arch: LlamaArch, *, bucket_mb: float = 256.0):
+    def __init__(self, groups: LayoutGroups, arch: LlamaArch, *, bucket_mb: float = 256.0, depth: int = 3):
         self.groups = groups
         self.layout = groups.layout
         self.arch = arch
         self.bucket_bytes = max(1, int(bucket_mb * 2**20))
         self.device = current_platform().device()
+        self.depth = max(2, depth)
+        """buffers per sender (and per sender on each receiver): up to depth - 1 buckets ahead in flight"""
         self._metas: dict[int, list[TensorMeta]] | None = None  # split layout: sender rank -> its tensors
+        self._pool: dict = {}
         self.last_bytes = 0
         """bytes this rank sent or received in the last run"""
 
@@ -98,17 +105,33 @@ class WeightStream:
             return iter(())
         return self._receive(metas)
 
+    def _buffers(self, key, count: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """`count` persistent flat buffers of at least `numel` elements, reused from sync to sync.
+
+        Fresh multi-MB allocations each bucket cost more than the transfer on CPU (page faults on first touch,
+        measured 3-5 s per 0.5 GB against 0.5 s on the wire); on GPU they would churn the caching allocator.
+        """
+        have = self._pool.get(key)
+        if have is None or have[0].numel() < numel or have[0].dtype != dtype:
+            have = [torch.empty(numel, dtype=dtype, device=self.device) for _ in range(count)]
+            self._pool[key] = have
+        return have
+
     def _send(self, model, buckets: list[Bucket], group) -> None:
         shards = local_shards(model, self.arch, self.groups.pg)
         src = self.groups.rank
         self.last_bytes = sum(b.nbytes for b in buckets)
-        flat = pack(buckets[0], shards, self.device)
-        work = dist.broadcast(flat, src=src, group=group, async_op=True)
-        for bucket in buckets[1:]:
-            following = pack(bucket, shards, self.device)  # packed while the previous bucket is on the wire
+        # `depth` buffers: bucket k+1 is packed while the buckets before it are on the wire
+        depth = self.depth
+        buffers = self._buffers(("send", src), depth, max(b.numel for b in buckets), buckets[0].dtype)
+        works = []
+        for k, bucket in enumerate(buckets):
+            if len(works) == depth:
+                works.pop(0).wait()  # frees buffers[k % depth]
+            flat = pack(bucket, shards, buffers[k % depth])
+            works.append(dist.broadcast(flat, src=src, group=group, async_op=True))
+        for work in works:
             work.wait()
-            flat, work = following, dist.broadcast(following, src=src, group=group, async_op=True)
-        work.wait()
 
     def _receive(self, metas: dict[int, list[TensorMeta]]) -> HFTensors:
         t = self.layout.train
@@ -127,24 +150,33 @@ class WeightStream:
             units += [[(s, per_sender[i][k]) for i, s in enumerate(senders)] for k in range(len(names))]
         self.last_bytes = sum(b.nbytes for unit in units for _, b in unit)
 
-        def post(unit):
+        # `depth` receive buffers per sender: units k+1 .. k+depth-1 land while unit k's tensors are consumed
+        depth = self.depth
+        buffers = {
+            src: self._buffers(("recv", src), depth, max(b.numel for unit in units for s, b in unit if s == src),
+                               DTYPES[metas[src][0].dtype])
+            for src in metas
+        }
+
+        def post(k):
             posted = []
-            for src, bucket in unit:
-                flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=self.device)
+            for src, bucket in units[k]:
+                flat = buffers[src][k % depth][: bucket.numel]
                 posted.append((bucket, flat, dist.broadcast(flat, src=src, group=self.groups.sync_groups[src],
                                                             async_op=True)))
             return posted
 
         def stream() -> HFTensors:
-            pending = post(units[0])
+            in_flight = [post(k) for k in range(min(depth - 1, len(units)))]
             for k in range(len(units)):
-                following = post(units[k + 1]) if k + 1 < len(units) else None
+                if k + depth - 1 < len(units):
+                    in_flight.append(post(k + depth - 1))  # into the buffer unit k-1 was consumed from
+                pending = in_flight.pop(0)
                 for _, _, work in pending:
                     work.wait()
                 views = [unpack(bucket, flat) for bucket, flat, _ in pending]
                 for entry in pending[0][0].entries:
                     yield from to_hf(entry.name, [v[entry.name] for v in views], self.arch).items()
-                pending = following
 
         return stream()
 
@@ -166,15 +198,20 @@ class WeightStream:
                                self.bucket_bytes)
         self.last_bytes = sum(b.nbytes for b in buckets) * (tp - 1)
 
-        def post(bucket):
-            flat = pack(bucket, shards, self.device)
-            gathered = torch.empty(tp * bucket.numel, dtype=bucket.dtype, device=self.device)
+        largest = max(b.numel for b in buckets)
+        send = self._buffers("gather-send", 2, largest, buckets[0].dtype)
+        recv = self._buffers("gather-recv", 2, tp * largest, buckets[0].dtype)
+
+        def post(k):
+            bucket = buckets[k]
+            flat = pack(bucket, shards, send[k % 2])
+            gathered = recv[k % 2][: tp * bucket.numel]
             return bucket, gathered, dist.all_gather_into_tensor(gathered, flat, group=pg.tp, async_op=True)
 
         def stream() -> HFTensors:
-            pending = post(buckets[0])
+            pending = post(0)
             for k in range(len(buckets)):
-                following = post(buckets[k + 1]) if k + 1 < len(buckets) else None
+                following = post(k + 1) if k + 1 < len(buckets) else None
                 bucket, gathered, work = pending
                 work.wait()
                 views = [unpack(bucket, part) for part in gathered.chunk(tp)]
