@@ -478,8 +478,9 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         platform.synchronize()
         train_s = time.perf_counter() - t
 
-        # 6. weight sync
+        # 6. weight sync (into an awake engine: its check after the sync runs the engine's model)
         t = time.perf_counter()
+        engine.wake()
         engine.sync_weights(models.policy)
         sync_s = time.perf_counter() - t
 

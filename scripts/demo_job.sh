@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded CPU demo end to end, in an activated environment:
 #   scripts/demo_job.sh [WORKDIR]   (default outputs/demo; NPROC ranks, default 2; SEED, default 0; DIGITS per
-#                                    operand, default 2)
+#                                    operand, default 1)
 # 1. the bundled arithmetic task and the tiny "demo" Llama   (python -m megatron_rlvr.demo prepare)
 # 2. SFT warm start                                          (examples/configs/demo-sft.yaml)
 # 3. GRPO with CPU rollouts under torchrun                   (examples/configs/tiny-cpu.yaml)
@@ -11,10 +11,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-outputs/demo}
 nproc=${NPROC:-2}
 seed=${SEED:-0}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 launch() { torchrun --standalone --nproc-per-node "$nproc" -m megatron_rlvr.cli "$@"; }
 
-python -m megatron_rlvr.demo prepare "$work" --seed "$seed" --digits "${DIGITS:-2}"
+python -m megatron_rlvr.demo prepare "$work" --seed "$seed" --digits "${DIGITS:-1}"
 if [ ! -f "$work/sft/hf/config.json" ]; then
   launch sft --config "$here/examples/configs/demo-sft.yaml" output_dir="$work/sft" model.path="$work/model" \
     "data.train_files=[$work/data/sft.jsonl]" train.seed="$((seed + 1))"

@@ -8,12 +8,12 @@ import os
 import sys
 
 
-def prepare(workdir: str, seed: int, num_train: int, num_eval: int, digits: int) -> None:
+def prepare(workdir: str, seed: int, num_train: int, num_eval: int, digits: int, num_sft: int | None = None) -> None:
     from megatron_rlvr.demo.task import write_task
     from megatron_rlvr.models.tiny import save_tiny_llama
 
-    paths = write_task(os.path.join(workdir, "data"), num_train=num_train, num_eval=num_eval, seed=seed,
-                       digits=digits)
+    paths = write_task(os.path.join(workdir, "data"), num_train=num_train, num_eval=num_eval, num_sft=num_sft,
+                       seed=seed, digits=digits)
     model_dir = os.path.join(workdir, "model")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         # std 0.02 (GPT-2's initialisation): the tiny.py default of 0.2 suits numerics tests, not training
@@ -48,12 +48,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-train", type=int, default=4000)
     p.add_argument("--num-eval", type=int, default=200)
-    p.add_argument("--digits", type=int, default=2, help="digits per operand (1 makes an easier task)")
+    p.add_argument("--num-sft", type=int, default=None, help="SFT examples (default: all training problems)")
+    p.add_argument("--digits", type=int, default=1, help="digits per operand (2 makes a much harder task)")
     s = sub.add_parser("summary", help="held-out accuracy before and after RLVR")
     s.add_argument("workdir")
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        prepare(args.workdir, args.seed, args.num_train, args.num_eval, args.digits)
+        prepare(args.workdir, args.seed, args.num_train, args.num_eval, args.digits, args.num_sft)
         return 0
     return summary(args.workdir)
 

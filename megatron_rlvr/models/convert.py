@@ -31,7 +31,13 @@ def save_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
     from megatron_rlvr.models.weights import unwrap
 
     os.makedirs(directory, exist_ok=True)
-    dist_checkpointing.save(unwrap(model).sharded_state_dict(), directory)
+    dist_checkpointing.save(_sharded_state_dict(unwrap(model)), directory)
+
+
+def _sharded_state_dict(model: torch.nn.Module):
+    # the model's own data-parallel group: megatron would otherwise read its global one, which the explicit
+    # groups of a layout (parallel.layout) do not set
+    return model.sharded_state_dict(metadata={"dp_cp_group": model.pg_collection.dp_cp})
 
 
 def load_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
@@ -41,7 +47,7 @@ def load_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
     from megatron_rlvr.models.weights import unwrap
 
     inner = unwrap(model)
-    state = dist_checkpointing.load(inner.sharded_state_dict(), directory)
+    state = dist_checkpointing.load(_sharded_state_dict(inner), directory)
     inner.load_state_dict(state, strict=True)
 
 

@@ -111,6 +111,10 @@ def init_model_parallel_block(
         raise ValueError(
             f"rank block [{rank_offset}, {rank_offset + num_ranks}) does not lie inside the world of {world} ranks"
         )
+    if rank_offset == 0 and num_ranks == world:
+        # the block is the world (colocated layouts): megatron's global groups, which the parts of megatron-core
+        # that ignore explicit groups (distributed checkpointing in 0.16) read
+        return init_model_parallel(tp, pp, seed=seed)
     dims = ParallelDims.for_world(num_ranks, tp, pp)
     grid = HyperCommGrid([dims.tp, 1, dims.dp, dims.pp], ["tp", "cp", "dp", "pp"], rank_offset=rank_offset)
     # one group per grid combination; the order of these calls is part of the collective contract
