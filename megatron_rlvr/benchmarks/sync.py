@@ -9,6 +9,8 @@ then times, median of --repeats, in the same process groups:
   (colocated layout with training TP > 1): the wire alone, no packing, no allocation, no loading.
 - transport: the sync's weight stream (pack bucket k+1 while bucket k is on the wire, unpack, reshard to HF
   tensors) drained without loading.
+- load: vLLM's layer-wise reload alone, from the same tensors already in memory (no transfer): the floor of any
+  sync into vLLM on this machine.
 - sync: `VllmEngine.sync_weights` end to end (transport + vLLM's layer-wise reload), the probe check excluded
   (timed separately as verify).
 
@@ -124,6 +126,7 @@ def _worker(rank, world, args, model_dir):
     import torch.distributed as dist
 
     from megatron_rlvr.models.llama import LlamaArch, build_llama, transformer_config
+    from megatron_rlvr.models.weights import read_hf_state
     from megatron_rlvr.parallel.layout import init_layout, make_layout
     from megatron_rlvr.platform import current_platform
     from megatron_rlvr.rollout.vllm_engine import VllmEngine
@@ -139,12 +142,19 @@ def _worker(rank, world, args, model_dir):
                         bucket_mb=args.bucket_mb)
     engine.sync_weights(model)  # warm-up; also exchanges the senders' tensor lists once
     raw = _raw_broadcast(groups, engine.stream, model)
+    local = read_hf_state(model_dir) if engine.llm is not None else {}
+
+    def load():
+        if engine.llm is not None:
+            engine._model_runner().reload_weights(weights_iterator=iter(local.items()))
+
     times = collections.defaultdict(list)
     peak = 0
     for _ in range(args.repeats):
         times["raw"].append(_timed(raw, platform))
         times["transport"].append(
             _timed(lambda: collections.deque(engine.stream.run(model), maxlen=0), platform))
+        times["load"].append(_timed(load, platform))
         platform.reset_peak_memory()
         before = _PeakRss.rss() if platform.device_type == "cpu" else platform.max_memory_allocated()
         with _PeakRss() as sampler:
@@ -175,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     receivers = [r for r in results if "rollout" in r["role"] and r["bytes"]]
     nbytes = max((r["bytes"] for r in receivers), default=0)
     times = {k: max(r["times"][k] for r in results) for k in results[0]["times"]}
-    rate = {k: nbytes / times[k] / 1e9 if nbytes and times[k] else None for k in ("raw", "transport", "sync")}
+    rate = {k: nbytes / times[k] / 1e9 if nbytes and times[k] else None for k in ("raw", "transport", "load", "sync")}
     report = {
         "layout": args.layout, "world": args.world, "train_tp": args.train_tp, "rollout_tp": args.rollout_tp,
         "params": results[0]["params"], "sync_bytes": nbytes, "bucket_mb": args.bucket_mb,
@@ -191,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
           f"{report['params'] / 1e6:.0f}M params, {nbytes / 1e6:.1f} MB per receiving rank, "
           f"buckets {args.bucket_mb:g} MiB, median of {args.repeats} ({report['device']})")
     print(f"{'':<10} {'seconds':>9} {'GB/s':>8} {'x raw':>7}")
-    for key in ("raw", "transport", "sync", "verify"):
+    for key in ("raw", "transport", "load", "sync", "verify"):
         r = rate.get(key)
         ratio = r / rate["raw"] if r and rate["raw"] else None
         print(f"{key:<10} {times[key]:>9.3f} {r if r else float('nan'):>8.3f} "
