@@ -17,6 +17,7 @@ re-synced after waking anyway).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import time
 
@@ -93,8 +94,8 @@ class VllmEngine:
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
             from vllm import LLM
 
-            prefix = f"mrlvr{os.environ.get('MASTER_PORT', '0')}e{self.layout.engine_index(groups.rank)}"
-            with group_as_world(groups.engine_group), _unique_cpu_shm_names(prefix):
+            self._shm_prefix = f"mrlvr{os.environ.get('MASTER_PORT', '0')}e{self.layout.engine_index(groups.rank)}-"
+            with group_as_world(groups.engine_group), _unique_cpu_shm_names(self._shm_prefix):
                 self.llm = LLM(
                     model=model_dir,
                     tensor_parallel_size=self.layout.rollout_tp,
@@ -249,6 +250,11 @@ class VllmEngine:
         for name in ("_WORLD", "_TP", "_PP", "_DP", "_EP", "_ETP", "_DCP", "_PCP", "_EPLB", "_ENGRAM_DP"):
             if hasattr(vllm_state, name):
                 setattr(vllm_state, name, None)
+        # the CPU all-reduce segments outlive the process unless unlinked; mapped, they stay usable until exit
+        dist.barrier(group=self.groups.engine_group)
+        for path in glob.glob(f"/dev/shm/{self._shm_prefix}*"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         self._closed = True
 
     def kv_cache_bytes(self) -> int:
