@@ -126,16 +126,15 @@ def run_sft(cfg: SFTConfig) -> dict:
     from megatron_rlvr.models.forward import forward_backward, split_micro_batches
     from megatron_rlvr.parallel.model import make_trainable
     from megatron_rlvr.parallel.state import init_distributed, init_model_parallel, seed_everything
-    from megatron_rlvr.trainer import _optim, build_model, set_lr
+    from megatron_rlvr.trainer import build_model, set_lr
 
     validate_sft(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world = init_distributed()
     seed_everything(cfg.train.seed)
     pg = init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
     model, arch = build_model(cfg, cfg.model.path, pg)
-    optim = _optim(cfg.train.optimizer)
-    optim.use_distributed_optimizer = cfg.parallel.use_distributed_optimizer
-    model, optimizer = make_trainable(model, pg, optim)
+    model, optimizer = make_trainable(model, pg, cfg.train.optimizer,
+                                      use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     template = None if cfg.data.chat_template == "tokenizer" else cfg.data.chat_template
     examples = load_sft_examples(cfg.data.train_files, tokenizer, template, cfg.data.max_length)

@@ -53,13 +53,6 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def _optim(o) -> "OptimConfig":  # noqa: F821 - resolved on call
-    from megatron_rlvr.parallel.model import OptimConfig
-
-    return OptimConfig(name=o.name, lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-                       adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad)
-
-
 def build_model(cfg: JobConfig, path: str, pg, *, frozen: bool = False, value_head: bool = False):
     """This rank's stage of the Llama at `path` with its HF weights; (model, arch).
 
@@ -87,17 +80,15 @@ def build_models(cfg: JobConfig, pg):
     from megatron_rlvr.parallel.model import make_trainable
 
     policy, arch = build_model(cfg, cfg.model.path, pg)
-    optim = _optim(cfg.train.optimizer)
-    optim.use_distributed_optimizer = cfg.parallel.use_distributed_optimizer
-    policy, optimizer = make_trainable(policy, pg, optim)
+    distributed = cfg.parallel.use_distributed_optimizer
+    policy, optimizer = make_trainable(policy, pg, cfg.train.optimizer, use_distributed_optimizer=distributed)
     models = Models(policy, optimizer)
     if cfg.algorithm.kl_coef > 0:
         models.reference, _ = build_model(cfg, cfg.model.path, pg, frozen=True)
     if cfg.algorithm.advantage_estimator == "gae":
         value, _ = build_model(cfg, cfg.model.value_path or cfg.model.path, pg, value_head=True)
-        value_optim = _optim(cfg.train.value_optimizer)
-        value_optim.use_distributed_optimizer = cfg.parallel.use_distributed_optimizer
-        models.value, models.value_optimizer = make_trainable(value, pg, value_optim)
+        models.value, models.value_optimizer = make_trainable(value, pg, cfg.train.value_optimizer,
+                                                              use_distributed_optimizer=distributed)
     return models, arch
 
 

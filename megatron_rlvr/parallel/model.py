@@ -7,51 +7,40 @@ distributed) optimizer and megatron-core's gradient finalisation are applied her
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-
-@dataclasses.dataclass
-class OptimConfig:
-    """Optimizer settings of one trained model (policy or value)."""
-
-    name: str = "adam"
-    """`adam` or `sgd`"""
-
-    lr: float = 1e-6
-    """peak learning rate"""
-    weight_decay: float = 0.0
-    """decoupled weight decay"""
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    """global gradient-norm clip (0 disables)"""
-    use_distributed_optimizer: bool = False
-    """shard optimizer state over the data-parallel group (megatron-core's distributed optimizer)"""
+from megatron_rlvr.config import OptimizerConfig
 
 
 def make_trainable(
-    model: torch.nn.Module, pg: ProcessGroupCollection, optim: OptimConfig
+    model: torch.nn.Module,
+    pg: ProcessGroupCollection,
+    optim: OptimizerConfig,
+    *,
+    use_distributed_optimizer: bool = False,
 ) -> tuple[DistributedDataParallel, object]:
-    """Wrap `model` in megatron-core DDP and build its optimizer; gradients reduce in fp32."""
+    """Wrap `model` in megatron-core DDP and build its optimizer; gradients reduce in fp32.
+
+    `use_distributed_optimizer` shards the optimizer state over the data-parallel group (megatron-core's
+    distributed optimizer). Warm-up (`optim.warmup_steps`) is the training loop's, which sets the lr per step."""
     config = model.config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=optim.use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model, pg_collection=pg)
     # the pipeline schedule calls these: skip DP grad sync until the last micro-batch, then finalise grads
     # (DP all-reduce, sequence-parallel norm grads over TP, tied embedding grads over the embedding group)
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=pg)
-    opt_config = OptimizerConfig(
+    opt_config = MegatronOptimizerConfig(
         optimizer=optim.name,
         lr=optim.lr,
         min_lr=optim.lr,
@@ -60,7 +49,7 @@ def make_trainable(
         adam_beta2=optim.adam_beta2,
         adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad,
-        use_distributed_optimizer=optim.use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
         bf16=config.bf16,
         fp16=config.fp16,
         params_dtype=config.params_dtype,

@@ -16,7 +16,8 @@ def _step_worker(rank, world, tp, optim_name, distributed_optimizer, sequence_pa
     from megatron_rlvr.models.forward import forward_backward, split_micro_batches
     from megatron_rlvr.models.llama import LlamaArch, build_llama, transformer_config
     from megatron_rlvr.models.weights import full_state_to_hf, gather_full_state, load_hf_into_model, read_hf_state
-    from megatron_rlvr.parallel.model import OptimConfig, make_trainable
+    from megatron_rlvr.config import OptimizerConfig
+    from megatron_rlvr.parallel.model import make_trainable
     from megatron_rlvr.parallel.state import init_model_parallel
 
     pg = init_model_parallel(tp, 1)
@@ -24,8 +25,8 @@ def _step_worker(rank, world, tp, optim_name, distributed_optimizer, sequence_pa
     config = transformer_config(arch, tp=tp, sequence_parallel=sequence_parallel)
     model = build_llama(arch, config, pg, pad_vocab_multiple=16)
     load_hf_into_model(model, read_hf_state(model_dir), arch, pg)
-    optim = OptimConfig(name=optim_name, lr=0.05, clip_grad=0.0, use_distributed_optimizer=distributed_optimizer)
-    ddp, optimizer = make_trainable(model, pg, optim)
+    optim = OptimizerConfig(name=optim_name, lr=0.05, clip_grad=0.0)
+    ddp, optimizer = make_trainable(model, pg, optim, use_distributed_optimizer=distributed_optimizer)
 
     mask = (torch.arange(tokens.shape[1] - 1)[None, :] < (lengths[:, None] - 1)).float()
     total_tokens = mask.sum()

@@ -15,7 +15,8 @@ from tests.rollout.common import PROMPTS, build_policy, policy_step, trainer_log
 
 def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts):
     from megatron_rlvr.parallel.layout import group_as_world, init_layout, make_layout
-    from megatron_rlvr.parallel.model import OptimConfig, make_trainable
+    from megatron_rlvr.config import OptimizerConfig
+    from megatron_rlvr.parallel.model import make_trainable
     from megatron_rlvr.rollout import SamplingConfig, build_rollout_engine
     from megatron_rlvr.sync.verify import SyncMismatchError
 
@@ -25,7 +26,7 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts):
     if layout.is_trainer(rank):
         arch, model = build_policy(model_dir, groups.pg, train_tp)
         with group_as_world(groups.trainer_group):  # megatron's optimizer set-up has world-wide collectives
-            ddp, optimizer = make_trainable(model, groups.pg, OptimConfig(name="adam", lr=2e-2, clip_grad=0.0))
+            ddp, optimizer = make_trainable(model, groups.pg, OptimizerConfig(name="adam", lr=2e-2, clip_grad=0.0))
     # buckets of 16 KiB: the tiny model (~0.2 MB) travels in many buckets, so the pipelining is exercised
     engine = build_rollout_engine("vllm", groups, model_dir, dtype="float32", max_model_len=64, max_num_seqs=16,
                                   bucket_mb=1 / 64)
