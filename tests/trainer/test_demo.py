@@ -1,5 +1,7 @@
-"""A shorter run of the embedded demo through the real CLI: the bundled task, SFT warm start, then GRPO with
-in-process vLLM rollouts under torchrun (2 ranks, colocated). The verified reward mean rises over the RLVR steps.
+"""A shorter run of the embedded demo through the real CLI: the bundled task, the demo's SFT warm start, then 20
+of its GRPO steps with in-process vLLM rollouts under torchrun (2 ranks, colocated). The verified reward mean of
+the last 5 steps exceeds that of the first 5 by more than 0.05 (the full demo rises by about 0.15 over these steps;
+a 5-step mean of 128 samples a step has a standard deviation of about 0.03).
 """
 
 import json
@@ -31,16 +33,16 @@ def _torchrun(*args: str) -> list[str]:
 
 def test_demo_reward_rises(tmp_path):
     work = str(tmp_path)
-    _run([sys.executable, "-m", "megatron_rlvr.demo", "prepare", work, "--num-train", "2000", "--num-eval", "40"],
+    _run([sys.executable, "-m", "megatron_rlvr.demo", "prepare", work, "--num-eval", "40"],
          timeout=120)
     _run(_torchrun("sft", "--config", os.path.join(CONFIGS, "demo-sft.yaml"), f"output_dir={work}/sft",
-                   f"model.path={work}/model", f"data.train_files=[{work}/data/sft.jsonl]", "train.steps=200"),
+                   f"model.path={work}/model", f"data.train_files=[{work}/data/sft.jsonl]"),
          timeout=600)
-    steps = 16
+    steps = 20
     _run(_torchrun("train", "--config", os.path.join(CONFIGS, "tiny-cpu.yaml"), f"output_dir={work}/rlvr",
                    f"model.path={work}/sft/hf", f"data.train_files=[{work}/data/train.jsonl]", "data.eval_files=[]",
                    f"train.steps={steps}", "checkpoint.interval=0", "metrics.tensorboard=false",
-                   "metrics.progress_bar=false", "train.optimizer.lr=0.0005"), timeout=900)
+                   "metrics.progress_bar=false"), timeout=900)
     with open(os.path.join(work, "rlvr", "metrics.jsonl")) as f:
         rewards = [r["reward_mean"] for r in map(json.loads, f) if "reward_mean" in r]
     assert len(rewards) == steps
