@@ -34,8 +34,7 @@ TINY_CONFIGS = {
                       intermediate_size=96, tie_word_embeddings=True,
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    # the demo policy: small enough to learn arithmetic on 2 CPU cores in minutes (untied: vLLM's layer-wise
-    # weight reload on CPU leaves a tied LM head on its old weights, which the post-sync check refuses)
+    # the demo policy: small enough to learn arithmetic on 2 CPU cores in minutes
     "demo": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=384, tie_word_embeddings=False),
 }

@@ -185,7 +185,9 @@ class VllmEngine:
         start = time.perf_counter()
         weights = self.stream.run(model)
         if self.llm is not None:
-            self._model_runner().reload_weights(weights_iterator=_keep_deferred(weights))
+            runner = self._model_runner()
+            runner.reload_weights(weights_iterator=_keep_deferred(weights))
+            _retie_lm_head(runner.model)
             # cached prefixes hold keys/values computed with the old weights
             self.llm.reset_prefix_cache()
         platform.synchronize()
@@ -263,3 +265,15 @@ class VllmEngine:
             return 0
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._model_runner().kv_caches}
         return sum(storages.values())
+
+
+def _retie_lm_head(model: torch.nn.Module) -> None:
+    """Point a tied model's LM head at its reloaded input embedding, and redo its post-load processing.
+
+    The layer-wise reload replaces the embedding's parameter and re-processes the embedding only; the tied LM
+    head (another module) would keep the old parameter and, on CPU, its oneDNN-packed copy of the old weights."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
+        return
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.lm_head.quant_method.process_weights_after_loading(model.lm_head)

@@ -11,9 +11,9 @@ VLLM_TINY = dict(head_dim=32)
 PROMPTS = [[1, 10, 11, 12], [1, 20, 21], [1, 30, 31, 32, 33], [1, 40]]
 
 
-def vllm_model_dir(tmp_path, seed: int = 0) -> str:
+def vllm_model_dir(tmp_path, seed: int = 0, **overrides) -> str:
     path = str(tmp_path / f"hf-tiny-vllm-{seed}")
-    save_tiny_llama(path, "tiny", seed=seed, **VLLM_TINY)
+    save_tiny_llama(path, "tiny", seed=seed, **{**VLLM_TINY, **overrides})
     return path
 
 

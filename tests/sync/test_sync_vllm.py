@@ -87,11 +87,16 @@ def test_split_world3_vllm_tp2(tmp_path):
     assert results[0]["stats"].bytes == results[2]["stats"].bytes > 0
 
 
-@pytest.mark.parametrize("train_tp,rollout_tp", [(1, 2), (2, 1)], ids=["train-dp2-rollout-tp2", "train-tp2-rollout-2x-tp1"])
-def test_colocated_world2(tmp_path, train_tp, rollout_tp):
+@pytest.mark.parametrize(
+    "train_tp,rollout_tp,tied",
+    [(1, 2, True), (2, 1, False)],
+    ids=["train-dp2-rollout-tp2-tied", "train-tp2-rollout-2x-tp1"],
+)
+def test_colocated_world2(tmp_path, train_tp, rollout_tp, tied):
     """Both ranks train and host vLLM: DP=2 under one TP=2 engine (every shard local: nothing moves), or TP=2
-    under two TP=1 engines (each bucket all-gathered over the training TP group)."""
-    model_dir = vllm_model_dir(tmp_path)
+    under two TP=1 engines (each bucket all-gathered over the training TP group). The first uses tied
+    embeddings: the engine's LM head must follow the reloaded embedding."""
+    model_dir = vllm_model_dir(tmp_path, tie_word_embeddings=tied)
     results = run_workers(_sync_worker, 2, "colocated", train_tp, rollout_tp, model_dir, PROMPTS,
                           env=worker_env(), timeout=400)
     _check(results, trainer_rank=0, rollout_rank=0)
