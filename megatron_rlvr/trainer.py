@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rlvr.config import JobConfig, check_world, save_config, validate
+from megatron_rlvr.platform import current_platform
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +145,8 @@ class RolloutBatch:
     def token_rewards(self) -> torch.Tensor:
         """The sequence reward on its last response token."""
         out = torch.zeros_like(self.mask)
-        last = (self.mask * torch.arange(1, self.mask.shape[1] + 1)).argmax(-1)
-        out[torch.arange(out.shape[0]), last] = self.rewards.to(out.dtype)
+        last = (self.mask * torch.arange(1, self.mask.shape[1] + 1, device=self.mask.device)).argmax(-1)
+        out[torch.arange(out.shape[0], device=out.device), last] = self.rewards.to(out.dtype)
         return out * self.mask
 
     def rows(self, index: torch.Tensor) -> "RolloutBatch":
@@ -163,8 +164,9 @@ def pack_rollouts(samples, rewards: list[float], pad_id: int) -> RolloutBatch:
         prompt = len(sample.prompt_ids)
         tokens[row, : lengths[row]] = torch.tensor(list(sample.prompt_ids) + list(sample.response_ids))
         mask[row, prompt - 1: lengths[row] - 1] = 1.0
-    return RolloutBatch(tokens, torch.tensor(lengths), mask, torch.tensor(rewards, dtype=torch.float32),
-                        [s.prompt_index for s in samples])
+    device = current_platform().device()
+    return RolloutBatch(tokens.to(device), torch.tensor(lengths), mask.to(device),
+                        torch.tensor(rewards, dtype=torch.float32, device=device), [s.prompt_index for s in samples])
 
 
 def per_token(model, batch: RolloutBatch, pg, cfg: JobConfig, vocab: int, *, value_model: bool = False):
@@ -314,7 +316,6 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
     from megatron_rlvr.data import PromptLoader, RLVRPromptDataset
     from megatron_rlvr.metrics import MetricsWriter
     from megatron_rlvr.parallel.state import init_distributed, init_model_parallel, seed_everything
-    from megatron_rlvr.platform import current_platform
     from megatron_rlvr.rewards import RewardConfig, RewardPool, shape_rewards
 
     # -- validate, then join the world and build the parallel groups

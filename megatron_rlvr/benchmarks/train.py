@@ -83,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
                      ffn_hidden_size=ffn, head_dim=hidden // heads, max_position_embeddings=max(args.seq_len, 128))
     pg = init_model_parallel(args.tp, 1)
     config = transformer_config(arch, tp=args.tp, params_dtype=dtype, recompute=args.recompute)
-    config.use_cpu_initialization = device.type == "cpu"
-    model = build_llama(arch, config, pg, pad_vocab_multiple=128).to(device)
+    model = build_llama(arch, config, pg, pad_vocab_multiple=128)
     total = args.micro_batch * args.micro_batches
     tokens = torch.randint(0, vocab, (total, args.seq_len), device=device)
     mbs = split_micro_batches(tokens, args.micro_batch)

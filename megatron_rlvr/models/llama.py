@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rlvr.models.attention import SDPAttention
 from megatron_rlvr.models.norm import RMSNorm
+from megatron_rlvr.platform import current_platform
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -160,7 +161,8 @@ def transformer_config(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
-        use_cpu_initialization=True,
+        # initialise on the device that will hold the weights (megatron's default path assumes CUDA)
+        use_cpu_initialization=current_platform().device_type == "cpu",
         init_method_std=init_method_std,
         variable_seq_lengths=True,  # rollouts have unequal lengths across micro-batches
         moe_token_dispatcher_type="alltoall",  # the default refuses variable_seq_lengths (dense: unused)
@@ -243,7 +245,8 @@ def build_llama(
     model.rotary_pos_emb.inv_freq = _rope_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
     if value_head and model.post_process:
         model.output_layer = ValueHead(arch.hidden_size, config.params_dtype)
-    return model
+    # the pieces built outside megatron's initialisation (norms, RoPE frequencies, value head) follow it
+    return model.to(current_platform().device())
 
 
 class ValueHead(torch.nn.Module):
