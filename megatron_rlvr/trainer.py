@@ -304,7 +304,50 @@ def evaluate(engine, prompts, cfg: JobConfig, tokenizer, pool, rank: int, seed: 
     return score[0]
 
 
+def evaluate_policy(cfg: JobConfig) -> float:
+    """Greedy held-out accuracy of the policy at `cfg.model.path` on `cfg.data.eval_files` (`megatron-rlvr eval`):
+    the same engine, prompts and verifiers as the evaluations inside `train`. Collective; every rank gets it."""
+    from transformers import AutoTokenizer
+
+    from megatron_rlvr.data import RLVRPromptDataset
+    from megatron_rlvr.parallel.state import init_distributed, seed_everything
+    from megatron_rlvr.rewards import RewardPool
+
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    rank, world = init_distributed()
+    check_world(cfg, world)
+    seed_everything(cfg.train.seed)
+    groups, pg = init_groups(cfg, world, vllm=cfg.rollout.backend == "vllm")
+    policy, arch = build_model(cfg, cfg.model.path, pg, frozen=True)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    template = None if cfg.data.chat_template == "tokenizer" else cfg.data.chat_template
+    prompts = RLVRPromptDataset.from_files(cfg.data.eval_files, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
+                                           chat_template=template, on_malformed=cfg.data.on_malformed)
+    engine = build_rollout(cfg, Models(policy, None), arch, pg, tokenizer, groups)
+    pool = RewardPool(cfg.reward.workers, cfg.reward.timeout_s) if rank == 0 else None
+    try:
+        return evaluate(engine, prompts, cfg, tokenizer, pool, rank, seed=cfg.train.seed)
+    finally:
+        engine.close()
+        if pool is not None:
+            pool.close()
+
+
 # ------------------------------------------------------------------------------------------------ the loop
+
+
+def init_groups(cfg: JobConfig, world: int, *, vllm: bool):
+    """(vLLM layout groups or None, megatron's ProcessGroupCollection), created in one order on every rank."""
+    from megatron_rlvr.parallel.state import init_model_parallel
+
+    if vllm:  # vLLM engines need their own groups next to megatron's
+        from megatron_rlvr.parallel.layout import init_layout, make_layout
+
+        layout = make_layout(cfg.parallel.layout, world, train_tp=cfg.parallel.tensor_parallel,
+                             train_pp=cfg.parallel.pipeline_parallel, rollout_tp=cfg.parallel.rollout_tensor_parallel)
+        groups = init_layout(layout, seed=cfg.train.seed)
+        return groups, groups.pg
+    return None, init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
 
 
 def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> dict:
@@ -315,7 +358,7 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
     from megatron_rlvr.checkpoint import Checkpointer, export_hf, latest_checkpoint, remove_incomplete
     from megatron_rlvr.data import PromptLoader, RLVRPromptDataset
     from megatron_rlvr.metrics import MetricsWriter
-    from megatron_rlvr.parallel.state import init_distributed, init_model_parallel, seed_everything
+    from megatron_rlvr.parallel.state import init_distributed, seed_everything
     from megatron_rlvr.rewards import RewardConfig, RewardPool, shape_rewards
 
     # -- validate, then join the world and build the parallel groups
@@ -326,17 +369,7 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
     rank, world = init_distributed()
     dp_size = check_world(cfg, world)
     seed_everything(cfg.train.seed)
-    groups = None
-    if cfg.rollout.backend == "vllm" and rollout_factory is None:
-        # vLLM engines need their own groups next to megatron's, all created in one order on every rank
-        from megatron_rlvr.parallel.layout import init_layout, make_layout
-
-        layout = make_layout(cfg.parallel.layout, world, train_tp=cfg.parallel.tensor_parallel,
-                             train_pp=cfg.parallel.pipeline_parallel, rollout_tp=cfg.parallel.rollout_tensor_parallel)
-        groups = init_layout(layout, seed=cfg.train.seed)
-        pg = groups.pg
-    else:
-        pg = init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
+    groups, pg = init_groups(cfg, world, vllm=cfg.rollout.backend == "vllm" and rollout_factory is None)
     platform = current_platform()
     last_stage = pg.pp.rank() == pg.pp.size() - 1
     reports = last_stage and pg.tp.rank() == 0

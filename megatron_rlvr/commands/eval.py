@@ -1,0 +1,44 @@
+"""`megatron-rlvr eval --config PATH [key=value ...]`: greedy held-out accuracy of `model.path` on
+`data.eval_files`, scored by the records' verifiers (the job config of `train`; launch with torchrun for more
+than one rank). Prints the accuracy and, with `--json`, writes it with the model and files it measured."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from megatron_rlvr.config import ConfigError, load_config, validate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML job config (examples/configs/*.yaml); model.path is evaluated")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. model.path=outputs/demo/rlvr/hf data.eval_files=[eval.jsonl]")
+    parser.add_argument("--json", default=None, help="also write {accuracy, model, eval_files} to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, list(args.overrides))
+        if not cfg.data.eval_files:
+            raise ConfigError("data.eval_files is empty: give the held-out RLVR records to score, "
+                              "e.g. data.eval_files=[outputs/demo/data/eval.jsonl]")
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as err:
+        print(f"megatron-rlvr eval: config error: {err}", file=sys.stderr)
+        return 2
+    from megatron_rlvr.commands.train import single_process_env
+
+    single_process_env()
+    from megatron_rlvr.trainer import evaluate_policy
+
+    accuracy = evaluate_policy(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"held-out accuracy (greedy): {accuracy:.4f}  model {cfg.model.path}  "
+              f"files {', '.join(cfg.data.eval_files)}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"accuracy": accuracy, "model": cfg.model.path, "eval_files": cfg.data.eval_files}, f)
+    return 0
