@@ -1,11 +1,13 @@
 """`megatron-rlvr --help` and every subcommand's `--help` work through the installed console script."""
 
+import pickle
 import shutil
 import subprocess
 
 import pytest
 
-from megatron_rlvr.cli import SUBCOMMANDS
+from megatron_rlvr.cli import SUBCOMMANDS, build_parser
+from megatron_rlvr.commands.bench import BENCHMARKS
 
 
 def _run(*args):
@@ -37,3 +39,10 @@ def test_bench_lists_benchmarks():
     proc = _run("bench", "--help")
     for name in ("kernels", "sync", "train", "partition", "rewards"):
         assert name in proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_bench_arguments_pickle(name):
+    """Benchmarks hand their parsed arguments to spawned workers: the namespace must pickle."""
+    args = build_parser("bench").parse_args(["bench", name])
+    assert pickle.loads(pickle.dumps(args)).benchmark == name

@@ -27,11 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             bench_parser.set_defaults(bench_module=None)
             continue
         module.add_arguments(bench_parser)
-        bench_parser.set_defaults(bench_module=module)
+        # the name, not the module: benchmarks hand `args` to spawned workers, which pickle it
+        bench_parser.set_defaults(bench_module=module_name)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.bench_module is None:
         print(f"megatron-rlvr bench {args.benchmark}: not built yet in this version")
         return 3
-    return int(args.bench_module.run(args) or 0)
+    return int(importlib.import_module(args.bench_module).run(args) or 0)
