@@ -427,6 +427,20 @@ def training_world(cfg: JobConfig, world_size: int) -> int:
     return world_size - cfg.parallel.rollout_ranks if cfg.parallel.layout == "split" else world_size
 
 
+def _check_model_dir(cfg, key: str, path: str, shape: str, check_paths: bool, unchecked: list, fix: str) -> None:
+    """The model at `path` (or the named `shape`) against the configured TP / PP; a path that cannot be read now is
+    an error when `check_paths`, else listed in `unchecked`."""
+    arch, source = model_arch(path, shape, key)
+    if arch is None:
+        if check_paths:
+            raise ConfigError(f"{key}={path!r} has no config.json: {fix}")
+        unchecked.append(path)
+        return
+    if source != path:
+        unchecked.append(path)
+    check_model_parallel(arch, source, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+
+
 def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool = True) -> list[str]:
     """Check `cfg` (and that it fits `world_size` ranks) before anything is built; raise ConfigError on the
     first problem. Returns the paths that were not checked or not found when `check_paths` is False (the
@@ -469,28 +483,12 @@ def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool
     # model architecture against TP / PP
     if not cfg.model.path:
         raise ConfigError("model.path is empty: set it to a HuggingFace Llama directory (model.path=/path/to/model)")
-    arch, source = model_arch(cfg.model.path, cfg.model.shape, "model.path")
-    if arch is not None and source != cfg.model.path:
-        unchecked.append(cfg.model.path)
-    if arch is None:
-        if check_paths:
-            raise ConfigError(f"model.path={cfg.model.path!r} has no config.json: point it at a HuggingFace Llama "
-                              "directory (download it first), or set model.shape for a --dry-run")
-        unchecked.append(cfg.model.path)
-    else:
-        check_model_parallel(arch, source, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+    _check_model_dir(cfg, "model.path", cfg.model.path, cfg.model.shape, check_paths, unchecked,
+                     "point it at a HuggingFace Llama directory (download it first), or set model.shape for a "
+                     "--dry-run")
     if algo.advantage_estimator == "gae" and cfg.model.value_path:
-        value_arch, value_source = model_arch(cfg.model.value_path, cfg.model.value_shape, "model.value_path")
-        if value_arch is not None and value_source != cfg.model.value_path:
-            unchecked.append(cfg.model.value_path)
-        if value_arch is None:
-            if check_paths:
-                raise ConfigError(f"model.value_path={cfg.model.value_path!r} has no config.json: point it at a "
-                                  "HuggingFace Llama directory, or leave it empty to start from the policy")
-            unchecked.append(cfg.model.value_path)
-        else:
-            check_model_parallel(value_arch, value_source, cfg.parallel.tensor_parallel,
-                                 cfg.parallel.pipeline_parallel)
+        _check_model_dir(cfg, "model.value_path", cfg.model.value_path, cfg.model.value_shape, check_paths, unchecked,
+                         "point it at a HuggingFace Llama directory, or leave it empty to start from the policy")
 
     # data files
     if not cfg.data.train_files:
