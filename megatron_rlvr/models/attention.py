@@ -54,6 +54,8 @@ class SDPAttention(MegatronModule):
             from megatron.core.process_groups_config import ProcessGroupCollection
 
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        # megatron's sharded_state_dict falls back to the global TP group for modules without one
+        self.tp_group = pg_collection.tp
         tp_size = pg_collection.tp.size()
         self.heads = divide(config.num_attention_heads, tp_size)
         self.groups = divide(config.num_query_groups, tp_size)
