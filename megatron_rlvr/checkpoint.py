@@ -101,18 +101,42 @@ def optimizer_state(optimizer) -> dict:
     """This rank's optimizer state; the distributed optimizer's parameter shard is kept in its own entry, since
     megatron-core leaves it out of `state_dict()`."""
     state = {"state_dict": optimizer.state_dict()}
-    shards = [opt.get_parameter_state_dp_reshardable() for opt in _optimizers(optimizer)
-              if hasattr(opt, "get_parameter_state_dp_reshardable")]
+    shards = [_param_shard(opt) for opt in _optimizers(optimizer) if hasattr(opt, "get_parameter_state_dp_reshardable")]
     if shards:
         state["param_shards"] = shards
     return state
+
+
+def _param_shard(opt) -> dict:
+    """The distributed optimizer's own shard (fp32 main weights, Adam moments) in its bucket layout.
+
+    megatron-core 0.16's `get_parameter_state_dp_reshardable` lists only real parameters and writes no
+    `padding` flag, but `load_parameter_state_from_dp_reshardable` filters every element on that flag
+    (KeyError 'padding' on resume): each element is marked as a real parameter here."""
+    shard = opt.get_parameter_state_dp_reshardable()
+    for key, per_dtype in shard.items():
+        if isinstance(key, int):
+            for buckets in per_dtype.values():
+                for bucket in buckets:
+                    for element in bucket:
+                        element.setdefault("padding", False)
+    return shard
 
 
 def load_optimizer_state(optimizer, state: dict) -> None:
     optimizer.load_state_dict(state["state_dict"])
     distributed = [opt for opt in _optimizers(optimizer) if hasattr(opt, "load_parameter_state_from_dp_reshardable")]
     for opt, shard in zip(distributed, state.get("param_shards", [])):
-        opt.load_parameter_state_from_dp_reshardable(shard)
+        # megatron copies into views of the fp32 main weights, leaves that require grad: outside autograd
+        with torch.no_grad():
+            opt.load_parameter_state_from_dp_reshardable(shard)
+    # megatron-core 0.16's DistributedOptimizer.load_state_dict gives every parameter the SAME `step` tensor
+    # (torch Adam without apex/TE); torch's Adam then adds 1 to it once per parameter per step, and the bias
+    # correction of every later step is wrong. One step tensor per parameter, as torch keeps them:
+    for opt in _optimizers(optimizer):
+        for param_state in getattr(getattr(opt, "optimizer", None), "state", {}).values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
 
 
 class Checkpointer:

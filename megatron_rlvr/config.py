@@ -54,7 +54,19 @@ class ParallelConfig:
     tensor_parallel: int = 1
     """Training tensor-parallel size (divides the attention and KV heads)."""
     pipeline_parallel: int = 1
-    """Training pipeline-parallel size (divides the layers)."""
+    """Training pipeline-parallel size (divides the layers, or see pipeline_first_stage_layers)."""
+    pipeline_first_stage_layers: int = 0
+    """Policy layers on the first pipeline stage, which also holds the embedding (0: the even share). The layers
+    not on the first/last stage must split evenly over the stages between them."""
+    pipeline_last_stage_layers: int = 0
+    """Policy layers on the last pipeline stage, which also holds the final norm and the LM head (0: the even
+    share)."""
+    value_tensor_parallel: int = 0
+    """PPO value model's tensor-parallel size over the same training ranks, in groups of its own (0: the
+    policy's tensor_parallel)."""
+    value_pipeline_parallel: int = 0
+    """PPO value model's pipeline-parallel size (0: the policy's pipeline_parallel); divides the value model's
+    layers (an even split)."""
     sequence_parallel: bool = False
     """Shard activations along the sequence over the TP group (needs tensor_parallel > 1)."""
     rollout_ranks: int = 0
@@ -420,6 +432,16 @@ def check_model_parallel(arch, source: str, tp: int, pp: int, key_prefix: str = 
             f"{key_prefix}.pipeline_parallel={pp} does not divide num_hidden_layers={layers} of {source}; "
             f"set {key_prefix}.pipeline_parallel to one of {fits}"
         )
+
+
+def value_parallel_sizes(par: ParallelConfig) -> tuple[int, int]:
+    """(TP, PP) of the PPO value model: its own keys, else the policy's."""
+    return par.value_tensor_parallel or par.tensor_parallel, par.value_pipeline_parallel or par.pipeline_parallel
+
+
+def policy_stage_layers(par: ParallelConfig) -> tuple[int | None, int | None]:
+    """(layers on the first, on the last pipeline stage) of the policy; None: the even share."""
+    return par.pipeline_first_stage_layers or None, par.pipeline_last_stage_layers or None
 
 
 def training_world(cfg: JobConfig, world_size: int) -> int:

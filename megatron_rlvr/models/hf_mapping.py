@@ -9,8 +9,8 @@ Three views of one weight:
   Row-parallel weights (`linear_proj`, `linear_fc2`) split along dim 1; vocab tables along dim 0 (after padding
   the vocab to the padded size; padded rows are zero and stripped on export).
 
-Layer indices here are global; `stage_layers` gives a pipeline stage's range and `local_name` the name inside
-that stage's model.
+Layer indices here are global; `stage_layers` gives a pipeline stage's range (even, or the uneven split of
+`models.stages.PipelineSplit`) and `local_name` the name inside that stage's model.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import re
 import torch
 
 from megatron_rlvr.models.llama import LlamaArch
+from megatron_rlvr.models.stages import PipelineSplit
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -139,12 +140,20 @@ def unshard(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     return shards[0]
 
 
-def stage_layers(arch: LlamaArch, pp: int, pp_rank: int) -> range:
-    per_stage = arch.num_layers // pp
-    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+def stage_layers(arch: LlamaArch, pp: int, pp_rank: int, split: PipelineSplit | None = None) -> range:
+    """Global layer indices on stage `pp_rank`: `split` (e.g. `PipelineSplit.from_config(model.config)`) or, when
+    None, the even split of the architecture's layers over `pp` stages."""
+    if split is None:
+        return PipelineSplit(arch.num_layers, pp).layers(pp_rank)
+    if (split.num_layers, split.pp) != (arch.num_layers, pp):
+        raise ValueError(
+            f"pipeline split of {split.num_layers} layers over pp={split.pp} does not match the model's "
+            f"num_hidden_layers={arch.num_layers} at pp={pp}"
+        )
+    return split.layers(pp_rank)
 
 
-def local_name(name: str, arch: LlamaArch, pp: int, pp_rank: int) -> str | None:
+def local_name(name: str, arch: LlamaArch, pp: int, pp_rank: int, split: PipelineSplit | None = None) -> str | None:
     """Name of global parameter `name` inside PP stage `pp_rank`'s model, or None if the stage lacks it.
 
     With tied embeddings and PP > 1 the last stage keeps its own copy of the embedding as `output_layer.weight`
@@ -152,7 +161,7 @@ def local_name(name: str, arch: LlamaArch, pp: int, pp_rank: int) -> str | None:
     """
     match = _LAYER.match(name)
     if match:
-        layers = stage_layers(arch, pp, pp_rank)
+        layers = stage_layers(arch, pp, pp_rank, split)
         layer = int(match.group(1))
         return f"decoder.layers.{layer - layers.start}.{match.group(2)}" if layer in layers else None
     first, last = pp_rank == 0, pp_rank == pp - 1
@@ -165,11 +174,12 @@ def local_name(name: str, arch: LlamaArch, pp: int, pp_rank: int) -> str | None:
     raise KeyError(name)
 
 
-def global_name(local: str, arch: LlamaArch, pp: int, pp_rank: int) -> str:
+def global_name(local: str, arch: LlamaArch, pp: int, pp_rank: int, split: PipelineSplit | None = None) -> str:
     """Inverse of `local_name` for the parameters a stage holds."""
     match = _LAYER.match(local)
     if match:
-        return f"decoder.layers.{int(match.group(1)) + stage_layers(arch, pp, pp_rank).start}.{match.group(2)}"
+        start = stage_layers(arch, pp, pp_rank, split).start
+        return f"decoder.layers.{int(match.group(1)) + start}.{match.group(2)}"
     return local
 
 

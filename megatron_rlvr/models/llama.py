@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rlvr.models.attention import SDPAttention
 from megatron_rlvr.models.norm import RMSNorm
+from megatron_rlvr.models.stages import PipelineSplit
 from megatron_rlvr.platform import current_platform
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -103,17 +104,15 @@ class LlamaArch:
         unit = tp * multiple
         return int(math.ceil(self.vocab_size / unit) * unit)
 
-    def check_parallel(self, tp: int, pp: int) -> None:
-        """Refuse a TP/PP that cannot shard this architecture, naming the field and the sizes that fit."""
+    def check_parallel(self, tp: int, pp: int, first_stage_layers: int | None = None,
+                       last_stage_layers: int | None = None) -> None:
+        """Refuse a TP/PP (and first/last stage layer counts) that cannot shard this architecture, naming the
+        field and the sizes that fit."""
         for name, value in (("num_attention_heads", self.num_heads), ("num_key_value_heads", self.num_kv_heads)):
             if value % tp:
                 fits = [d for d in range(1, value + 1) if value % d == 0]
                 raise ValueError(f"tensor parallel size {tp} does not divide {name}={value}; use one of {fits}")
-        if self.num_layers % pp:
-            fits = [d for d in range(1, self.num_layers + 1) if self.num_layers % d == 0]
-            raise ValueError(
-                f"pipeline parallel size {pp} does not divide num_hidden_layers={self.num_layers}; use one of {fits}"
-            )
+        PipelineSplit(self.num_layers, pp, first_stage_layers, last_stage_layers)
 
     def num_parameters(self) -> int:
         h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
@@ -131,10 +130,18 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     recompute: bool = False,
     init_method_std: float = 0.02,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
 ) -> TransformerConfig:
-    """megatron-core TransformerConfig for `arch`; fusion flags stay off (they need TransformerEngine/apex)."""
+    """megatron-core TransformerConfig for `arch`; fusion flags stay off (they need TransformerEngine/apex).
+
+    `first_stage_layers` / `last_stage_layers`: an uneven pipeline split (`models.stages.PipelineSplit`, checked
+    here); None: the even share."""
+    split = PipelineSplit(arch.num_layers, pp, first_stage_layers, last_stage_layers)
     return TransformerConfig(
         num_layers=arch.num_layers,
+        num_layers_in_first_pipeline_stage=split.first,
+        num_layers_in_last_pipeline_stage=split.last,
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_heads,
         num_query_groups=arch.num_kv_heads,
@@ -215,7 +222,7 @@ def build_llama(
     """The calling rank's stage of the model: embeddings on the first PP stage, output layer on the last.
 
     With `value_head=True` the output layer has a single column (a scalar value per token) instead of the vocab,
-    for a PPO value model; it is replicated across TP ranks (`parallel_output` gathers nothing).
+    for a PPO value model; it is replicated across TP ranks and never tied to the embedding.
     `padded_vocab_size` fixes the padded vocab (a checkpoint's) instead of deriving it from `pad_vocab_multiple`.
     """
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
@@ -237,24 +244,37 @@ def build_llama(
         pre_process=pp_rank == 0,
         post_process=pp_rank == pp_size - 1,
         parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings and not value_head,
         position_embedding_type="rope",
         rotary_base=int(arch.rope_theta),
         pg_collection=pg_collection,
     )
     model.rotary_pos_emb.inv_freq = _rope_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
     if value_head and model.post_process:
-        model.output_layer = ValueHead(arch.hidden_size, config.params_dtype)
+        model.output_layer = ValueHead(arch.hidden_size, config.params_dtype,
+                                       sequence_parallel=config.sequence_parallel, tp_group=pg_collection.tp)
     # the pieces built outside megatron's initialisation (norms, RoPE frequencies, value head) follow it
     return model.to(current_platform().device())
 
 
 class ValueHead(torch.nn.Module):
-    """Scalar value per token: `[s, b, h] -> [s, b, 1]`, same call signature as megatron's output layer."""
+    """Scalar value per token: `[s, b, h] -> [s, b, 1]`, same call signature as megatron's output layer.
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype):
+    Replicated over the TP group. Under sequence parallelism each TP rank holds `s / tp` positions of the final
+    hidden states: they are gathered first (as megatron's column-parallel output layer does), and in backward
+    each rank keeps its own positions' gradient (a split, not a reduce-scatter: every rank computed the same
+    values, so summing their gradients would scale them by tp)."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype, *, sequence_parallel: bool = False, tp_group=None):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.sequence_parallel = sequence_parallel
+        self.tp_group = tp_group
 
     def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False,
+                                                          group=self.tp_group)
         return hidden @ self.weight.t(), None

@@ -10,7 +10,8 @@ import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_rlvr.models import hf_mapping
-from megatron_rlvr.models.llama import LlamaArch
+from megatron_rlvr.models.llama import LlamaArch, ValueHead
+from megatron_rlvr.models.stages import PipelineSplit
 
 TIED_OUTPUT = "output_layer.weight"
 
@@ -33,8 +34,13 @@ def read_hf_state(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _full_name(local: str, arch: LlamaArch, pg: ProcessGroupCollection) -> str:
-    name = hf_mapping.global_name(local, arch, pg.pp.size(), pg.pp.rank())
+def pipeline_split(model: torch.nn.Module) -> PipelineSplit:
+    """The layers-per-stage split `model` was built with (read from its TransformerConfig)."""
+    return PipelineSplit.from_config(unwrap(model).config)
+
+
+def _full_name(local: str, arch: LlamaArch, pg: ProcessGroupCollection, split: PipelineSplit) -> str:
+    name = hf_mapping.global_name(local, arch, pg.pp.size(), pg.pp.rank(), split)
     # a tied model's last PP stage holds a copy of the embedding as its output layer
     if name == TIED_OUTPUT and arch.tie_word_embeddings:
         return "embedding.word_embeddings.weight"
@@ -45,11 +51,17 @@ def _full_name(local: str, arch: LlamaArch, pg: ProcessGroupCollection) -> str:
 def load_hf_into_model(
     model: torch.nn.Module, hf: dict[str, torch.Tensor], arch: LlamaArch, pg: ProcessGroupCollection
 ) -> None:
-    """Copy HF tensors into this rank's shard of `model` (exact: a copy, no arithmetic)."""
-    padded = unwrap(model).vocab_size
+    """Copy HF tensors into this rank's shard of `model` (exact: a copy, no arithmetic). A value head keeps its
+    own initialisation: the HF model has no counterpart."""
+    inner = unwrap(model)
+    padded = inner.vocab_size
     tp, tp_rank = pg.tp.size(), pg.tp.rank()
-    for local, param in unwrap(model).named_parameters():
-        name = _full_name(local, arch, pg)
+    split = pipeline_split(inner)
+    head = getattr(inner, "output_layer", None)
+    for local, param in inner.named_parameters():
+        if isinstance(head, ValueHead) and param is head.weight:
+            continue
+        name = _full_name(local, arch, pg, split)
         full = hf_mapping.hf_to_mcore_full(name, hf, arch, padded)
         part = hf_mapping.shard(name, full, tp, tp_rank)
         if part.shape != param.shape:
@@ -64,10 +76,12 @@ def gather_full_state(model: torch.nn.Module, arch: LlamaArch, pg: ProcessGroupC
     Collective over the TP group; every TP rank gets the result.
     """
     tp = pg.tp.size()
+    split = pipeline_split(model)
+    head = getattr(unwrap(model), "output_layer", None)
     out: dict[str, torch.Tensor] = {}
     for local, param in unwrap(model).named_parameters():
-        name = _full_name(local, arch, pg)
-        if tp == 1:
+        name = _full_name(local, arch, pg, split)
+        if tp == 1 or isinstance(head, ValueHead) and param is head.weight:  # a value head is replicated
             full = param.detach().clone()
         else:
             shards = [torch.empty_like(param) for _ in range(tp)]

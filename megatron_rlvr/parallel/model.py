@@ -7,9 +7,11 @@ distributed) optimizer and megatron-core's gradient finalisation are applied her
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
@@ -55,5 +57,16 @@ def make_trainable(
         params_dtype=config.params_dtype,
     )
     # use_gloo_process_groups: extra CPU-side groups megatron wants only without explicit groups
-    optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=False, pg_collection=pg)
+    with _training_ranks_as_world(pg):
+        optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=False, pg_collection=pg)
     return ddp, optimizer
+
+
+def _training_ranks_as_world(pg: ProcessGroupCollection):
+    """megatron-core's optimizer factory all-gathers parameter-group keys over the default group (the world):
+    when the model's grid covers only part of the world (split layout), let its ranks be the world meanwhile."""
+    if pg.intra_dist_opt.size() == dist.get_world_size():
+        return contextlib.nullcontext()
+    from megatron_rlvr.parallel.layout import group_as_world
+
+    return group_as_world(pg.intra_dist_opt)

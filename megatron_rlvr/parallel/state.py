@@ -95,29 +95,58 @@ def init_model_parallel_block(
     """TP x PP x DP groups over the rank block `[rank_offset, rank_offset + num_ranks)` of the world.
 
     For layouts where the training ranks are only part of the world (the split layout: rollout ranks beside
-    them). The groups are explicit (megatron-core's `HyperCommGrid`, same rank order as
-    `initialize_model_parallel`: TP fastest, then CP, DP, PP), and megatron's global `parallel_state` is left
-    untouched, so pass the returned collection to the model, DDP, the optimizer and the schedule.
+    them). The groups are explicit (`explicit_groups`), megatron's global `parallel_state` is left untouched,
+    so pass the returned collection to the model, DDP, the optimizer and the schedule. When the block is the
+    whole world, megatron's global groups are built instead (`init_model_parallel`).
 
     Collective over the WHOLE world (torch's `new_group` is): every rank calls it with the same arguments, in
     the same order relative to its other group creations. Ranks outside the block get None.
     """
-    from megatron.core.hyper_comm_grid import HyperCommGrid
-
     current_platform().activate()
     world = dist.get_world_size()
     num_ranks = world - rank_offset if num_ranks is None else num_ranks
+    if rank_offset == 0 and num_ranks == world:
+        # the block is the world (colocated layouts): megatron's global groups, which the parts of megatron-core
+        # that ignore explicit groups read
+        return init_model_parallel(tp, pp, seed=seed)
+    pg = explicit_groups(tp, pp, rank_offset=rank_offset, num_ranks=num_ranks)
+    if pg is not None:
+        model_parallel_cuda_manual_seed(seed, tp_rank=pg.tp.rank(), ep_rank=0, etp_rank=pg.tp.rank())
+    return pg
+
+
+def init_value_parallel(
+    tp: int, pp: int, *, rank_offset: int = 0, num_ranks: int | None = None
+) -> ProcessGroupCollection | None:
+    """A second TP x PP x DP grid over the same training ranks, for a model trained beside the policy with its
+    own tensor/pipeline sizes (the PPO value model: 32 layers next to a 126-layer policy).
+
+    Always explicit groups (`explicit_groups`), never megatron's globals, which stay the policy's. The
+    model-parallel RNG tracker is not re-seeded: it is global and belongs to the policy; the value model's
+    weights come from a checkpoint and its head starts at zero, so no random initialisation depends on it.
+
+    Collective over the whole world, like `init_model_parallel_block`: call it on every rank (rollout ranks
+    too), after the policy's groups and before vLLM engines are built. Ranks outside the block get None.
+    """
+    current_platform().activate()
+    world = dist.get_world_size()
+    return explicit_groups(tp, pp, rank_offset=rank_offset, num_ranks=world - rank_offset if num_ranks is None
+                           else num_ranks)
+
+
+def explicit_groups(tp: int, pp: int, *, rank_offset: int, num_ranks: int) -> ProcessGroupCollection | None:
+    """megatron-core's `HyperCommGrid` over a rank block, same rank order as `initialize_model_parallel` (TP
+    fastest, then CP, DP, PP), as a `ProcessGroupCollection`; None on ranks outside the block. Collective over
+    the world; the order of the group creations below is part of that contract."""
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+
+    world = dist.get_world_size()
     if rank_offset < 0 or num_ranks < 1 or rank_offset + num_ranks > world:
         raise ValueError(
             f"rank block [{rank_offset}, {rank_offset + num_ranks}) does not lie inside the world of {world} ranks"
         )
-    if rank_offset == 0 and num_ranks == world:
-        # the block is the world (colocated layouts): megatron's global groups, which the parts of megatron-core
-        # that ignore explicit groups (distributed checkpointing in 0.16) read
-        return init_model_parallel(tp, pp, seed=seed)
     dims = ParallelDims.for_world(num_ranks, tp, pp)
     grid = HyperCommGrid([dims.tp, 1, dims.dp, dims.pp], ["tp", "cp", "dp", "pp"], rank_offset=rank_offset)
-    # one group per grid combination; the order of these calls is part of the collective contract
     groups = {
         "tp": grid.create_pg("tp"),
         "cp": grid.create_pg("cp"),
@@ -137,7 +166,6 @@ def init_model_parallel_block(
     groups["ep"], _ = dist.new_subgroups_by_enumeration([[r] for r in range(rank_offset, rank_offset + num_ranks)])
     if not rank_offset <= dist.get_rank() < rank_offset + num_ranks:
         return None
-    model_parallel_cuda_manual_seed(seed, tp_rank=groups["tp"].rank(), ep_rank=0, etp_rank=groups["tp"].rank())
     return ProcessGroupCollection(
         tp=groups["tp"], cp=groups["cp"], dp=groups["dp"], pp=groups["pp"], mp=groups["mp"],
         tp_cp=groups["tp_cp"], dp_cp=groups["dp_cp"], tp_dp_cp=groups["tp_dp_cp"],
