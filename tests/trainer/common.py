@@ -18,6 +18,13 @@ def job_env() -> dict:
     return env
 
 
+def worker_env() -> dict:
+    """`job_env`'s settings for `run_workers`, which adds variables to the inherited environment (a TRITON_INTERPRET
+    left set there is harmless: the plain-torch kernels never read it)."""
+    env = job_env()
+    return {key: env[key] for key in ("MEGATRON_RLVR_KERNELS", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")}
+
+
 def tiny_job(root, *, digits=1, num_train=400, num_eval=40, model="tiny") -> dict:
     paths = write_task(str(root / "data"), num_train=num_train, num_eval=num_eval, seed=0, digits=digits)
     save_tiny_llama(str(root / "model"), model, seed=0, std=0.02)
