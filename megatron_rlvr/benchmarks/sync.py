@@ -4,9 +4,9 @@ One run spawns the world on this machine (gloo on CPU; NCCL where a GPU and vLLM
 layout, a megatron policy of the requested shape on the trainer ranks and vLLM engines on the rollout ranks,
 then times, median of --repeats, in the same process groups:
 
-- raw: every sender broadcasts exactly its sync bytes over its sync group from a buffer allocated and touched
-  beforehand, in bucket-sized chunks all posted at once (split layout), or the TP group all-gathers them
-  (colocated layout with training TP > 1): the wire alone, no packing, no allocation, no loading.
+- raw: every broadcast of the sync (split layout, per-slice routing: same bytes, same groups, same bucket
+  sizes) from buffers allocated and touched beforehand, all posted at once, or the TP group all-gathers the
+  sync's bytes (colocated layout with training TP > 1): the wire alone, no packing, no allocation, no loading.
 - transport: the sync's weight stream (pack bucket k+1 while bucket k is on the wire, unpack, reshard to HF
   tensors) drained without loading.
 - load: vLLM's layer-wise reload alone, from the same tensors already in memory (no transfer): the floor of any
@@ -87,15 +87,13 @@ def _timed(fn, platform):
 
 
 def _raw_broadcast(groups, stream, model):
-    """The same bytes over the same groups as the sync, from buffers allocated beforehand (not timed): each
-    sender's bytes cut in bucket-sized chunks, all posted at once. Returns the function to time."""
+    """The same bytes over the same groups as the sync, from buffers allocated beforehand (not timed): every
+    broadcast of the sync's plan (per-slice routing: each sender's slice buckets over its slice group, its vocab
+    buckets over its full group; same sizes, same groups), all posted at once. Returns the function to time."""
     import torch
     import torch.distributed as dist
 
-    from megatron_rlvr.sync.buckets import DTYPES
-
     layout = groups.layout
-    chunk_bytes = stream.bucket_bytes
     if layout.kind == "colocated":
         pg = groups.pg
         if pg.tp.size() == 1:
@@ -104,17 +102,21 @@ def _raw_broadcast(groups, stream, model):
         flat = torch.empty(numel, dtype=torch.float32, device=stream.device)
         out = torch.empty(pg.tp.size() * numel, dtype=torch.float32, device=stream.device)
         return lambda: dist.all_gather_into_tensor(out, flat, group=pg.tp)
-    metas = stream._sender_metas(model)
-    buffers = []
-    for src, group in sorted(groups.sync_groups.items()):
-        dtype = DTYPES[metas[src][0].dtype]
-        numel = sum(m.numel for m in metas[src])
-        flat = torch.zeros(numel, dtype=dtype, device=stream.device)  # zeros: pages touched before timing
-        step = max(1, chunk_bytes // dtype.itemsize)
-        buffers += [(src, group, flat[i : i + step]) for i in range(0, numel, step)]
+    broadcasts = []
+    for src, plan in sorted(stream.sender_plans(model).items()):
+        mine = [(groups.sync_groups[src].group(route), bucket) for route, bucket in plan]
+        mine = [(group, bucket) for group, bucket in mine if group is not None]
+        if not mine:
+            continue
+        # zeros: pages touched before timing
+        flat = torch.zeros(sum(b.numel for _, b in mine), dtype=mine[0][1].dtype, device=stream.device)
+        offset = 0
+        for group, bucket in mine:
+            broadcasts.append((src, group, flat[offset : offset + bucket.numel]))
+            offset += bucket.numel
 
     def transfer():
-        works = [dist.broadcast(chunk, src=src, group=group, async_op=True) for src, group, chunk in buffers]
+        works = [dist.broadcast(chunk, src=src, group=group, async_op=True) for src, group, chunk in broadcasts]
         for work in works:
             work.wait()
 

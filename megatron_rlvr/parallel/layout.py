@@ -9,7 +9,8 @@ Two layouts, both one torchrun world:
 
 `init_layout(layout)` creates all groups, in one fixed order, on every rank (torch's `new_group` is collective
 over the world): megatron's groups (`parallel.state`), the vLLM engine groups, and the weight-sync broadcast
-groups. vLLM itself is built afterwards (`rollout.vllm_engine`), inside `group_as_world(...)`: vLLM's
+groups (`init_sync_groups`: per sender, the rollout ranks whose vLLM TP slice overlaps its TP shard, and all
+rollout ranks for what every engine rank needs whole). vLLM itself is built afterwards (`rollout.vllm_engine`), inside `group_as_world(...)`: vLLM's
 `external_launcher` treats the default process group as its whole world, so while it runs the default group
 is swapped for the engine's group. That swap uses a private torch function and lives here only.
 """
@@ -68,6 +69,32 @@ class Layout:
     def sync_sources(self) -> list[int]:
         """Trainer ranks that send weights in the split layout: data-parallel replica 0, every (pp, tp) slice."""
         return [self.trainer_rank(t, p) for p in range(self.train.pp) for t in range(self.train.tp)]
+
+    def train_tp_rank(self, rank: int) -> int:
+        """Tensor-parallel rank of trainer `rank` in megatron's order (TP fastest)."""
+        return (rank - self.trainer_ranks.start) % self.train.tp
+
+    def rollout_tp_rank(self, rank: int) -> int:
+        """vLLM tensor-parallel rank of rollout `rank` inside its engine."""
+        return (rank - self.rollout_ranks.start) % self.rollout_tp
+
+    def slice_receivers(self, src: int) -> list[int]:
+        """Rollout ranks, of every engine, whose vLLM TP slice overlaps the TP shard of sync sender `src`."""
+        shard = self.train_tp_rank(src)
+        return [rank for rank in self.rollout_ranks
+                if slices_overlap(shard, self.train.tp, self.rollout_tp_rank(rank), self.rollout_tp)]
+
+
+def slices_overlap(train_tp_rank: int, train_tp: int, rollout_tp_rank: int, rollout_tp: int) -> bool:
+    """Whether training TP shard i of t and vLLM TP slice j of r share any part of a TP-sharded tensor.
+
+    Both cut every TP-sharded HF tensor into equal parts along the same dim (`sync.slices`): shard i covers
+    [i/t, (i+1)/t), slice j reads [j/r, (j+1)/r); they overlap iff i/t < (j+1)/r and j/r < (i+1)/t (integers only).
+    With GQA and r > kv heads vLLM reads the whole KV head around its slice; megatron shards hold whole query
+    groups (t divides the kv heads), so that head lies in a shard overlapping the slice too.
+    """
+    return (train_tp_rank * rollout_tp < (rollout_tp_rank + 1) * train_tp
+            and rollout_tp_rank * train_tp < (train_tp_rank + 1) * rollout_tp)
 
 
 def make_layout(
@@ -130,6 +157,24 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
+@dataclasses.dataclass(frozen=True)
+class SenderGroups:
+    """The weight-sync broadcast groups of one sender (split layout), as seen from one rank."""
+
+    slice: dist.ProcessGroup | None
+    """{sender} + the rollout ranks whose vLLM TP slice overlaps the sender's TP shard; None on the rollout ranks
+    outside it"""
+    full: dist.ProcessGroup
+    """{sender} + every rollout rank, for the tensors every rollout rank gets whole; the slice group itself when
+    that already holds every rollout rank (training TP 1, or rollout TP 1)"""
+
+    def group(self, route: str) -> dist.ProcessGroup | None:
+        """The group of a route (`sync.slices.route`): "slice" or "full"."""
+        if route not in ("slice", "full"):
+            raise ValueError(f"weight-sync route {route!r} is unknown; known: slice, full")
+        return self.slice if route == "slice" else self.full
+
+
 @dataclasses.dataclass
 class LayoutGroups:
     """The process groups of this rank (None where the rank takes no part)."""
@@ -144,8 +189,8 @@ class LayoutGroups:
     """this rank's vLLM engine (rollout ranks); vLLM sees it as its world"""
     engine_leaders: dist.ProcessGroup | None
     """rank 0 of every engine (split layout, several engines): where prompts are spread"""
-    sync_groups: dict[int, dist.ProcessGroup]
-    """split layout: source trainer rank -> group {source} + all rollout ranks, for this rank's memberships"""
+    sync_groups: dict[int, SenderGroups]
+    """split layout: sync sender rank -> its broadcast groups, for the senders this rank sends or receives from"""
 
 
 def init_layout(layout: Layout, *, seed: int = 1234) -> LayoutGroups:
@@ -164,19 +209,31 @@ def init_layout(layout: Layout, *, seed: int = 1234) -> LayoutGroups:
         [list(layout.engine_ranks(e)) for e in range(layout.num_engines)]
     )
     leaders = dist.new_group([layout.engine_ranks(e).start for e in range(layout.num_engines)])
-    sync_groups = {}
-    if layout.kind == "split":
-        rollout = list(layout.rollout_ranks)
-        for src in layout.sync_sources():
-            group = dist.new_group([src, *rollout])
-            if rank == src or layout.is_rollout(rank):
-                sync_groups[src] = group
+    sync_groups = init_sync_groups(layout) if layout.kind == "split" else {}
     return LayoutGroups(
         layout=layout, rank=rank, pg=pg, trainer_group=pg.intra_dist_opt if pg is not None else None,
         engine_group=engine_group if layout.is_rollout(rank) else None,
         engine_leaders=leaders if rank in [layout.engine_ranks(e).start for e in range(layout.num_engines)] else None,
         sync_groups=sync_groups,
     )
+
+
+def init_sync_groups(layout: Layout) -> dict[int, SenderGroups]:
+    """The split layout's weight-sync groups (`LayoutGroups.sync_groups`); collective over the world.
+
+    Every rank creates the same groups in the same order: per sender (`Layout.sync_sources` order) its slice
+    group, then its full group when that has other members.
+    """
+    rank = dist.get_rank()
+    everyone = list(layout.rollout_ranks)
+    out = {}
+    for src in layout.sync_sources():
+        receivers = layout.slice_receivers(src)
+        slice_group = dist.new_group([src, *receivers])
+        full_group = slice_group if receivers == everyone else dist.new_group([src, *everyone])
+        if rank == src or layout.is_rollout(rank):
+            out[src] = SenderGroups(slice=slice_group if rank == src or rank in receivers else None, full=full_group)
+    return out
 
 
 @contextlib.contextmanager

@@ -1,21 +1,25 @@
 """Trainer -> rollout weight streams: megatron TP/PP shards in, HF-named full tensors out, one bucket at a time.
 
 No rank ever holds the whole model in one piece: senders pack one bucket of their own shards, receivers
-assemble the full tensors of one bucket (from the TP shards of all senders of that pipeline stage) and hand
-them to the consumer (vLLM's layer-wise reload) before the next-but-one bucket arrives.
+assemble the full tensors of one bucket (from the TP shards they receive from the senders of that pipeline
+stage) and hand them to the consumer (vLLM's layer-wise reload) before the next-but-one bucket arrives.
 
-- split layout: each sender, the data-parallel replica 0 of every (pp, tp) position,
-  broadcasts its buckets over the group {sender} + rollout ranks. Bucket k+1 is packed (sender) or already
-  in flight (receiver) while bucket k is on the wire or being loaded: `depth` buffers per sender at most.
+- split layout: each sender, the data-parallel replica 0 of every (pp, tp) position, broadcasts its buckets with
+  per-slice routing (`sync.slices`): the TP-sharded tensors (and the norms) over its slice group, {sender} + the
+  rollout ranks whose vLLM TP slice overlaps its shard, then the vocab tables over its full group, {sender} +
+  every rollout rank. A rollout rank receives only the shards its slice needs and gets full-shape HF tensors in
+  which only its slice's regions are valid. Bucket k+1 is packed (sender) or already in flight (receiver) while
+  bucket k is on the wire or being loaded: `depth` buffers per sender at most.
 - colocated layout: every rank holds a replica of the training shards. With training
   TP = 1 the rank already has every full tensor and they are handed over as views (no copy, no collective);
   with TP > 1 the shards of one bucket are all-gathered over the training TP group, again one bucket ahead.
 
 Every rank's role follows from the layout, so `WeightStream.run(model)` is called on all ranks alike.
 
-Buffers are persistent and reused (`depth` per sender): a tensor handed to the consumer stays valid until the
-consumer has taken the next bucket, then its memory is overwritten. A consumer that keeps a tensor longer
-must copy it (`rollout.vllm_engine` does for the vocab tables, whose padded shards vLLM processes last).
+Buffers are persistent and reused (`depth` per sender, one assembly buffer): a tensor handed to the consumer
+stays valid until the consumer has taken the next bucket, then its memory is overwritten. A consumer that keeps
+a tensor longer must copy it (`rollout.vllm_engine` does for the vocab tables, whose padded shards vLLM
+processes last).
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ from megatron_rlvr.models.weights import TIED_OUTPUT, unwrap
 from megatron_rlvr.parallel.layout import LayoutGroups
 from megatron_rlvr.platform import current_platform
 from megatron_rlvr.sync.buckets import DTYPES, Bucket, TensorMeta, pack, plan_buckets, unpack
+from megatron_rlvr.sync.slices import ROUTES, assemble, assembled_numel, route
 
 HFTensors = Iterator[tuple[str, torch.Tensor]]
+Broadcasts = list[tuple[str, Bucket]]
+"""a sender's broadcasts in order: (route, bucket)"""
 
 
 def local_shards(model: torch.nn.Module, arch: LlamaArch, pg) -> dict[str, torch.Tensor]:
@@ -80,30 +87,42 @@ class WeightStream:
     # --- split layout -------------------------------------------------------------------------------------
 
     def _sender_metas(self, model) -> dict[int, list[TensorMeta]]:
-        """Every sender's tensor list, broadcast once over its sync group (shapes never change)."""
+        """Every sender's tensor list, broadcast once over its full group (shapes never change)."""
         if self._metas is None:
             mine = None
             if model is not None:
                 shards = local_shards(model, self.arch, self.groups.pg)
                 mine = [TensorMeta(n, tuple(t.shape), str(t.dtype)) for n, t in shards.items()]
             metas = {}
-            for src, group in sorted(self.groups.sync_groups.items()):
+            for src, groups in sorted(self.groups.sync_groups.items()):
                 box = [mine if src == self.groups.rank else None]
-                dist.broadcast_object_list(box, src=src, group=group)
+                dist.broadcast_object_list(box, src=src, group=groups.full)
                 metas[src] = box[0]
             self._metas = metas
         return self._metas
+
+    def sender_plans(self, model: torch.nn.Module | None) -> dict[int, Broadcasts]:
+        """The broadcasts of every sender this rank exchanges weights with: per route (`sync.slices.ROUTES`
+        order) its tensors of that route in model order, cut into buckets. Collective the first time (the
+        senders' tensor lists are exchanged once)."""
+        plans = {}
+        for src, metas in self._sender_metas(model).items():
+            plans[src] = [
+                (r, bucket) for r in ROUTES
+                for bucket in plan_buckets([m for m in metas if route(m.name) == r], self.bucket_bytes)
+            ]
+        return plans
 
     def _split(self, model) -> HFTensors:
         rank = self.groups.rank
         if not self.groups.sync_groups:
             self.last_bytes = 0
             return iter(())  # a trainer rank of a data-parallel replica other than 0: nothing to send
-        metas = self._sender_metas(model)
-        if rank in metas:
-            self._send(model, plan_buckets(metas[rank], self.bucket_bytes), self.groups.sync_groups[rank])
+        plans = self.sender_plans(model)
+        if rank in plans:
+            self._send(model, plans[rank])
             return iter(())
-        return self._receive(metas)
+        return self._receive(plans)
 
     def _buffers(self, key, count: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
         """`count` persistent flat buffers of at least `numel` elements, reused from sync to sync.
@@ -117,66 +136,74 @@ class WeightStream:
             self._pool[key] = have
         return have
 
-    def _send(self, model, buckets: list[Bucket], group) -> None:
+    def _send(self, model, plan: Broadcasts) -> None:
         shards = local_shards(model, self.arch, self.groups.pg)
         src = self.groups.rank
-        self.last_bytes = sum(b.nbytes for b in buckets)
+        groups = self.groups.sync_groups[src]
+        self.last_bytes = sum(b.nbytes for _, b in plan)
         # `depth` buffers: bucket k+1 is packed while the buckets before it are on the wire
         depth = self.depth
-        buffers = self._buffers(("send", src), depth, max(b.numel for b in buckets), buckets[0].dtype)
+        buffers = self._buffers(("send", src), depth, max(b.numel for _, b in plan), plan[0][1].dtype)
         works = []
-        for k, bucket in enumerate(buckets):
+        for k, (r, bucket) in enumerate(plan):
             if len(works) == depth:
                 works.pop(0).wait()  # frees buffers[k % depth]
             flat = pack(bucket, shards, buffers[k % depth])
-            works.append(dist.broadcast(flat, src=src, group=group, async_op=True))
+            works.append(dist.broadcast(flat, src=src, group=groups.group(r), async_op=True))
         for work in works:
             work.wait()
 
-    def _receive(self, metas: dict[int, list[TensorMeta]]) -> HFTensors:
+    def _receive(self, plans: dict[int, Broadcasts]) -> HFTensors:
         t = self.layout.train
-        # transfer units in order: (pp stage, bucket index), each made of one bucket per TP sender of the stage
+        # transfer units in order: (pp stage, broadcast index), each made of the same bucket from every TP
+        # sender of the stage whose group for that route holds this rank
         units = []
         for p in range(t.pp):
-            senders = [self.layout.trainer_rank(r, p) for r in range(t.tp)]
-            per_sender = [plan_buckets(metas[s], self.bucket_bytes) for s in senders]
-            names = [[e.name for e in b.entries] for b in per_sender[0]]
-            for s, buckets in zip(senders, per_sender):
-                if [[e.name for e in b.entries] for b in buckets] != names:
+            senders = [self.layout.trainer_rank(i, p) for i in range(t.tp)]
+            for s in senders[1:]:
+                if self._metas[s] != self._metas[senders[0]]:
                     raise RuntimeError(
                         f"weight sync: trainer rank {s} holds different parameters than rank {senders[0]} of the "
                         "same pipeline stage; all tensor-parallel ranks must build the same model"
                     )
-            units += [[(s, per_sender[i][k]) for i, s in enumerate(senders)] for k in range(len(names))]
-        self.last_bytes = sum(b.nbytes for unit in units for _, b in unit)
+            for r, bucket in plans[senders[0]]:
+                mine = {i: s for i, s in enumerate(senders) if self.groups.sync_groups[s].group(r) is not None}
+                units.append((r, bucket, mine))
+        self.last_bytes = sum(bucket.nbytes * len(mine) for _, bucket, mine in units)
 
         # `depth` receive buffers per sender: units k+1 .. k+depth-1 land while unit k's tensors are consumed
         depth = self.depth
-        buffers = {
-            src: self._buffers(("recv", src), depth, max(b.numel for unit in units for s, b in unit if s == src),
-                               DTYPES[metas[src][0].dtype])
-            for src in metas
-        }
+        dtype = units[0][1].dtype
+        largest = {src: max((b.numel for _, b, mine in units if src in mine.values()), default=0) for src in plans}
+        buffers = {src: self._buffers(("recv", src), depth, n, dtype) for src, n in largest.items() if n}
+        # one assembly buffer: a unit's full-shape tensors live until the consumer takes the next unit
+        assembly = self._buffers("assemble", 1, max(
+            sum(assembled_numel(e.name, e.numel, t.tp) for e in b.entries) for _, b, _ in units), dtype)[0]
 
         def post(k):
-            posted = []
-            for src, bucket in units[k]:
+            r, bucket, mine = units[k]
+            posted = {}
+            for i, src in mine.items():
                 flat = buffers[src][k % depth][: bucket.numel]
-                posted.append((bucket, flat, dist.broadcast(flat, src=src, group=self.groups.sync_groups[src],
-                                                            async_op=True)))
-            return posted
+                work = dist.broadcast(flat, src=src, group=self.groups.sync_groups[src].group(r), async_op=True)
+                posted[i] = (flat, work)
+            return bucket, posted
 
         def stream() -> HFTensors:
             in_flight = [post(k) for k in range(min(depth - 1, len(units)))]
             for k in range(len(units)):
                 if k + depth - 1 < len(units):
                     in_flight.append(post(k + depth - 1))  # into the buffer unit k-1 was consumed from
-                pending = in_flight.pop(0)
-                for _, _, work in pending:
+                bucket, posted = in_flight.pop(0)
+                for _, work in posted.values():
                     work.wait()
-                views = [unpack(bucket, flat) for bucket, flat, _ in pending]
-                for entry in pending[0][0].entries:
-                    yield from to_hf(entry.name, [v[entry.name] for v in views], self.arch).items()
+                views = {i: unpack(bucket, flat) for i, (flat, _) in posted.items()}
+                offset = 0
+                for entry in bucket.entries:
+                    used = assembled_numel(entry.name, entry.numel, t.tp)
+                    shards = {i: v[entry.name] for i, v in views.items()}
+                    yield from assemble(entry.name, shards, self.arch, t.tp, assembly[offset : offset + used]).items()
+                    offset += used
 
         return stream()
 

@@ -47,6 +47,58 @@ def test_roles():
     assert colocated.num_engines == 4 and colocated.is_trainer(3) and colocated.is_rollout(3)
 
 
+def test_slice_receivers():
+    """Sender i (training TP shard [i/t, (i+1)/t)) goes to the vLLM ranks, of every engine, whose slice
+    [j/r, (j+1)/r) overlaps it."""
+    from megatron_rlvr.parallel.layout import make_layout
+
+    # t=2, r=2, two engines (ranks 0-1, 2-3), trainers 4-5: shard i -> vLLM rank i of each engine
+    split = make_layout("split", 6, train_tp=2, rollout_tp=2, num_engines=2)
+    assert [split.slice_receivers(src) for src in split.sync_sources()] == [[0, 2], [1, 3]]
+    # t=1: the one shard is the whole model; every rollout rank needs part of it
+    assert make_layout("split", 3, rollout_tp=2).slice_receivers(2) == [0, 1]
+    # t=2, r=4: each shard covers two vLLM slices
+    split = make_layout("split", 6, train_tp=2, rollout_tp=4)
+    assert [split.slice_receivers(src) for src in split.sync_sources()] == [[0, 1], [2, 3]]
+    # t=4, r=2, PP=2: two shards per vLLM slice, on every stage
+    split = make_layout("split", 10, train_tp=4, train_pp=2, rollout_tp=2)
+    assert [split.slice_receivers(src) for src in split.sync_sources()] == [[0], [0], [1], [1]] * 2
+    # t=2, r=3: the middle vLLM slice [1/3, 2/3) straddles both shards
+    split = make_layout("split", 5, train_tp=2, rollout_tp=3)
+    assert [split.slice_receivers(src) for src in split.sync_sources()] == [[0, 1], [1, 2]]
+
+
+def _sync_groups_worker(rank, world):
+    import torch.distributed as dist
+
+    from megatron_rlvr.parallel.layout import init_sync_groups, make_layout
+
+    layout = make_layout("split", world, train_tp=2, rollout_tp=2)
+    groups = init_sync_groups(layout)
+    members = {src: (dist.get_process_group_ranks(g.slice) if g.slice is not None else None,
+                     dist.get_process_group_ranks(g.full)) for src, g in groups.items()}
+    received = {}
+    for src, g in sorted(groups.items()):  # every group carries a broadcast from its sender
+        for route in ("slice", "full"):
+            if g.group(route) is not None:
+                t = torch.tensor([float(rank if rank == src else -1)])
+                dist.broadcast(t, src=src, group=g.group(route))
+                received[src, route] = t.item()
+    return members, received
+
+
+def test_sync_groups_route_slices():
+    """Split world 4 (vLLM TP 2 on ranks 0-1, training TP 2 on ranks 2-3): sender 2's slice group holds vLLM
+    rank 0 only, sender 3's rank 1 only; both full groups hold both; groups rendezvous on every rank."""
+    results = run_workers(_sync_groups_worker, 4)
+    (m0, r0), (m1, r1), (m2, r2), (m3, r3) = results
+    assert m0 == {2: ([0, 2], [0, 1, 2]), 3: (None, [0, 1, 3])}
+    assert m1 == {2: (None, [0, 1, 2]), 3: ([1, 3], [0, 1, 3])}
+    assert m2 == {2: ([0, 2], [0, 1, 2])} and m3 == {3: ([1, 3], [0, 1, 3])}
+    assert r0 == {(2, "slice"): 2.0, (2, "full"): 2.0, (3, "full"): 3.0}
+    assert r1 == {(2, "full"): 2.0, (3, "slice"): 3.0, (3, "full"): 3.0}
+
+
 def _swap_worker(rank, world):
     import os
 

@@ -3,8 +3,11 @@
 After one optimizer step and `sync_weights`, the log-probs vLLM reports for the tokens it samples equal the
 trainer's recomputed log-probs of the same sequences (|diff| <= 1e-3), while the log-probs vLLM reported before
 the sync are far from the updated trainer's (so the sync moved something and the comparison could fail). The
-post-sync check itself is shown to fail when the trainer changes without a sync.
+post-sync check itself is shown to fail when the trainer changes without a sync, and (split layout, training
+TP 2) when the weights are routed to the wrong vLLM slices.
 """
+
+import math
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from megatron_rlvr.testing.distributed import run_workers
 from tests.rollout.common import PROMPTS, build_policy, policy_step, trainer_logprobs, vllm_model_dir, worker_env
 
 
-def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts):
+def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wrong_route=False):
     from megatron_rlvr.parallel.layout import group_as_world, init_layout, make_layout
     from megatron_rlvr.config import OptimizerConfig
     from megatron_rlvr.parallel.model import make_trainable
@@ -57,8 +60,33 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts):
         result["stale_caught"] = False
     except SyncMismatchError:
         result["stale_caught"] = True
+    if wrong_route:
+        result["wrong_route_caught"] = _sync_wrong_route(engine, groups, ddp)
     engine.close()
     return result
+
+
+def _sync_wrong_route(engine, groups, model) -> bool:
+    """Sync over groups that send each training TP shard to the vLLM ranks that do NOT need it; True if the
+    post-sync check raised. Every rank builds the wrong groups (world-collective) and syncs."""
+    import dataclasses
+
+    from megatron_rlvr.parallel import layout as layout_module
+    from megatron_rlvr.sync.transfer import WeightStream
+    from megatron_rlvr.sync.verify import SyncMismatchError
+
+    right = layout_module.slices_overlap
+    layout_module.slices_overlap = lambda *sizes: not right(*sizes)
+    try:
+        wrong = dataclasses.replace(groups, sync_groups=layout_module.init_sync_groups(groups.layout))
+    finally:
+        layout_module.slices_overlap = right
+    engine.stream = WeightStream(wrong, engine.arch, bucket_mb=1 / 64)
+    try:
+        engine.sync_weights(model)
+    except SyncMismatchError:
+        return True
+    return False
 
 
 def _check(results, trainer_rank, rollout_rank):
@@ -85,6 +113,34 @@ def test_split_world3_vllm_tp2(tmp_path):
     results = run_workers(_sync_worker, 3, "split", 1, 2, model_dir, PROMPTS, env=worker_env(), timeout=400)
     _check(results, trainer_rank=2, rollout_rank=0)
     assert results[0]["stats"].bytes == results[2]["stats"].bytes > 0
+
+
+def test_split_world4_per_slice_routing(tmp_path):
+    """Ranks 0-1: one vLLM engine with TP=2; ranks 2-3 train with TP=2. Each vLLM rank receives only the training
+    shard overlapping its slice (plus the norms and the whole vocab tables), and the engine still matches the
+    trainer; a sync routed to the wrong slices fails the post-sync check."""
+    from megatron_rlvr.models.weights import read_hf_state
+
+    model_dir = vllm_model_dir(tmp_path)
+    results = run_workers(_sync_worker, 4, "split", 2, 2, model_dir, PROMPTS, True, env=worker_env(), timeout=500)
+    _check(results, trainer_rank=2, rollout_rank=0)
+    assert all(r["wrong_route_caught"] for r in results), "the post-sync check missed a sync routed to wrong slices"
+
+    # bytes from the HF checkpoint: the TP-sharded projections split in two, the norms whole, the vocab tables
+    # whole as megatron pads them (pad_vocab_multiple=16 per TP rank, 2 ranks: to a multiple of 32)
+    hf = read_hf_state(model_dir)
+    numel = {kind: sum(t.numel() for n, t in hf.items() if n.endswith(kind)) for kind in ("proj.weight", "norm.weight")}
+    vocab, hidden = hf["model.embed_tokens.weight"].shape
+    vocab_tables = 2 * math.ceil(vocab / 32) * 32 * hidden
+    model_bytes = 4 * sum(t.numel() for t in hf.values())
+    per_rollout_rank = 4 * (numel["proj.weight"] // 2 + numel["norm.weight"] + vocab_tables)
+    for rank in (0, 1):
+        assert results[rank]["stats"].bytes == per_rollout_rank
+    # half of every projection; the vocab tables (12% of this tiny model) arrive whole
+    assert per_rollout_rank < 0.6 * model_bytes
+    for rank in (2, 3):  # each sender sends its own shards once: half the projections and vocab, all the norms
+        assert results[rank]["stats"].bytes == 4 * (numel["proj.weight"] // 2 + numel["norm.weight"]
+                                                     + vocab_tables // 2)
 
 
 @pytest.mark.parametrize(
