@@ -10,10 +10,13 @@ read back at another TP/PP equal the writer's. (3) `gather_rows` reassembles row
 import torch
 
 from megatron_rlvr.config import config_from_dict
-from megatron_rlvr.models.llama import LlamaArch
-from megatron_rlvr.models.weights import full_state_to_hf
 from megatron_rlvr.testing.distributed import run_workers
 from tests.models.common import random_batch, tiny_model_dir, worker_env
+
+
+def _env():
+    # the policy steps here only feed the checkpoint: the kernels' torch twins spare the Triton interpreter
+    return {**worker_env(), "MEGATRON_RLVR_KERNELS": "torch"}
 
 
 def _cfg(model_dir, output_dir, **parallel):
@@ -162,8 +165,8 @@ def test_value_checkpoint_round_trip_with_own_tp(tmp_path):
     tokens, lengths = random_batch(model_dir, batch=4, max_len=10, seed=4)
     parallel = {"tensor_parallel": 1, "value_tensor_parallel": 2, "value_pipeline_parallel": 1}
     out = tmp_path / "out"
-    written = run_workers(_checkpoint_worker, 2, model_dir, out, tokens, lengths, parallel, False, env=worker_env())
-    resumed = run_workers(_checkpoint_worker, 2, model_dir, out, tokens, lengths, parallel, True, env=worker_env())
+    written = run_workers(_checkpoint_worker, 2, model_dir, out, tokens, lengths, parallel, False, env=_env())
+    resumed = run_workers(_checkpoint_worker, 2, model_dir, out, tokens, lengths, parallel, True, env=_env())
     for rank, ((saved, after, _), (loaded, after_resume, _)) in enumerate(zip(written, resumed)):
         for name in saved:
             assert torch.equal(saved[name], loaded[name]), f"rank {rank}: {name} not restored"
@@ -173,7 +176,10 @@ def test_value_checkpoint_round_trip_with_own_tp(tmp_path):
     assert sum(not torch.equal(saved[n], after[n]) for n in saved) >= len(saved) - 1, "the step moved nothing"
 
     other = {"tensor_parallel": 1, "value_tensor_parallel": 1, "value_pipeline_parallel": 2}
-    read = run_workers(_reader_worker, 2, model_dir, out, other, env=worker_env())
+    read = run_workers(_reader_worker, 2, model_dir, out, other, env=_env())
+    from megatron_rlvr.models.llama import LlamaArch
+    from megatron_rlvr.models.weights import full_state_to_hf
+
     arch = LlamaArch.from_pretrained(model_dir)
     merged = full_state_to_hf({**read[0], **read[1]}, arch)  # vocab padding (it differs with TP) stripped
     expected = full_state_to_hf(full, arch)
