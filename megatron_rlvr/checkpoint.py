@@ -232,8 +232,9 @@ def _fsync_dir(path: str) -> None:
 
 
 def export_hf(model, arch, pg, tokenizer_dir: str, directory: str) -> None:
-    """Write the policy as a HuggingFace directory (config, safetensors, tokenizer). Collective over the model's
-    ranks: TP shards are gathered and PP stages sent to global rank 0, which writes.
+    """Write the policy as a HuggingFace directory (config, safetensors, tokenizer). Collective over the world
+    (ranks without the model pass `model=None`): TP shards are gathered and PP stages sent to global rank 0,
+    which writes.
 
     The write goes to a `.tmp-*` sibling renamed into place, like checkpoints.
     """
@@ -242,9 +243,11 @@ def export_hf(model, arch, pg, tokenizer_dir: str, directory: str) -> None:
     from megatron_rlvr.models.convert import TOKENIZER_FILES
     from megatron_rlvr.models.weights import full_state_to_hf, gather_full_state
 
-    full = gather_full_state(model, arch, pg)
-    if pg.tp.rank() != 0 or pg.dp.rank() != 0:
-        full = {}
+    full = {}
+    if model is not None:  # the rollout ranks of the split layout hold no part of the policy
+        full = gather_full_state(model, arch, pg)
+        if pg.tp.rank() != 0 or pg.dp.rank() != 0:
+            full = {}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, full)
     if dist.get_rank() == 0:

@@ -110,6 +110,11 @@ class RolloutConfig:
     """vllm: share of device memory for weights and KV cache (<= 0.5 on CPU)."""
     enforce_eager: bool = False
     """vllm: no CUDA graphs."""
+    one_step_off_policy: bool = False
+    """split layout: the rollout ranks generate (and rank 0 scores) step n+1's samples with the weights of step
+    n-1 while the trainer ranks train on step n's, so generation and training overlap; the update's importance
+    ratio is taken against the log-probs the trainer recomputes before it. Off: every step samples with the
+    latest weights and the two sides wait for each other."""
 
 
 @dataclasses.dataclass
@@ -545,6 +550,10 @@ def check_world(cfg: JobConfig, world_size: int) -> int:
         if cfg.rollout.backend != "vllm":
             raise ConfigError("parallel.layout=split generates on ranks without the trainer's model: set "
                               "rollout.backend=vllm (or use parallel.layout=colocated)")
+    elif cfg.rollout.one_step_off_policy:
+        raise ConfigError("rollout.one_step_off_policy=true overlaps generation on the rollout ranks with training "
+                          "on the others, so it needs parallel.layout=split (in the colocated layout every rank "
+                          "does both, taking turns); set it to false or use the split layout")
     train_ranks = training_world(cfg, world_size)
     if train_ranks < 1 or train_ranks % model_parallel:
         need = f"{par.rollout_ranks} rollout + " if par.layout == "split" else ""

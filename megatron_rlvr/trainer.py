@@ -15,6 +15,13 @@
             6. weight sync  the engine takes the new weights (a no-op when it samples with the trainer's model)
             7. log, evaluate, checkpoint
 
+Layouts: colocated, every rank does every phase, the engine sleeping while the model trains; split, the rollout
+ranks hold no model and skip phases 3-5. With `rollout.one_step_off_policy` (split) the rollout ranks sample and
+score step n+1 with the weights of step n-1 while the trainer ranks run phases 3-5 of step n:
+
+    rollout ranks   | generate n+1 (w[n-1]), score |  hand over n+1  | sync w[n] | generate n+2 (w[n]) ...
+    trainer ranks   | log-probs, update on n       |  hand over n+1  | sync w[n] | log-probs, update on n+1 ...
+
 Per-token tensors live in the log-prob frame of the packed rows `[prompt | response | padding]`: position t
 scores token t+1, so response token j of a row whose prompt has P tokens sits at position P - 1 + j.
 """
@@ -77,19 +84,29 @@ def build_model(cfg: JobConfig, path: str, pg, *, frozen: bool = False, value_he
     return model, arch
 
 
-def build_models(cfg: JobConfig, pg):
+def build_models(cfg: JobConfig, pg, groups=None):
+    """Policy (+ reference, + value) on this trainer rank. `groups`: the layout's groups when the trainer ranks
+    are only part of the world (split layout), whose optimizer set-up must not reach the rollout ranks."""
+    import contextlib
+
+    from megatron_rlvr.parallel.layout import group_as_world
     from megatron_rlvr.parallel.model import make_trainable
 
+    # megatron's optimizer set-up has world-wide collectives: give it the trainer block as its world
+    trainer_world = (group_as_world(groups.trainer_group) if groups is not None and groups.layout.kind == "split"
+                     else contextlib.nullcontext())
     policy, arch = build_model(cfg, cfg.model.path, pg)
     distributed = cfg.parallel.use_distributed_optimizer
-    policy, optimizer = make_trainable(policy, pg, cfg.train.optimizer, use_distributed_optimizer=distributed)
+    with trainer_world:
+        policy, optimizer = make_trainable(policy, pg, cfg.train.optimizer, use_distributed_optimizer=distributed)
     models = Models(policy, optimizer)
     if cfg.algorithm.kl_coef > 0:
         models.reference, _ = build_model(cfg, cfg.model.path, pg, frozen=True)
     if cfg.algorithm.advantage_estimator == "gae":
         value, _ = build_model(cfg, cfg.model.value_path or cfg.model.path, pg, value_head=True)
-        models.value, models.value_optimizer = make_trainable(value, pg, cfg.train.value_optimizer,
-                                                              use_distributed_optimizer=distributed)
+        with trainer_world:
+            models.value, models.value_optimizer = make_trainable(value, pg, cfg.train.value_optimizer,
+                                                                  use_distributed_optimizer=distributed)
     return models, arch
 
 
@@ -101,15 +118,16 @@ def build_rollout(cfg: JobConfig, models: Models, arch, pg, tokenizer, groups=No
     """The rollout engine of `cfg.rollout.backend`, or what `factory(cfg, model, arch, pg, tokenizer)` builds
     (tests). megatron: `rollout.megatron_engine.MegatronEngine` over the policy itself (any TP x PP); vllm:
     `rollout.build_rollout_engine` over the layout's groups (`groups`, from `parallel.layout.init_layout`)."""
+    policy = models.policy if models is not None else None
     if factory is not None:
-        return factory(cfg, models.policy, arch, pg, tokenizer)
+        return factory(cfg, policy, arch, pg, tokenizer)
     if cfg.rollout.backend == "megatron":
         from megatron_rlvr.rollout.megatron_engine import MegatronEngine, eos_token_ids
 
         return MegatronEngine(models.policy, pg, arch, eos_token_ids(cfg.model.path), pad_id=tokenizer.pad_token_id)
     from megatron_rlvr.rollout import build_rollout_engine
 
-    return build_rollout_engine(cfg.rollout.backend, groups, cfg.model.path, model=models.policy,
+    return build_rollout_engine(cfg.rollout.backend, groups, cfg.model.path, model=policy,
                                 dtype=cfg.model.dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                                 enforce_eager=cfg.rollout.enforce_eager,
                                 max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_tokens)
@@ -125,6 +143,101 @@ def sampling_config(cfg: JobConfig, seed: int, *, greedy: bool = False):
         max_tokens=cfg.rollout.max_tokens,
         seed=seed,
     )
+
+
+@dataclasses.dataclass
+class ScoredRollouts:
+    """One step's samples with verifier scores and shaped rewards, identical on every rank."""
+
+    samples: list
+    scores: list[float]
+    rewards: list[float]
+    generate_s: float
+    """seconds the engine spent sampling them"""
+    verify_s: float
+    weights_step: int
+    """the step whose weights sampled them (0: the initial weights)"""
+    loader_state: dict
+    """the prompt loader's position right after these prompts were drawn (what a checkpoint of this step saves)"""
+
+
+class RolloutProducer:
+    """Samples and scores each step's prompts; rank 0 verifies (one reward pool) and every rank gets the result.
+
+    `start(prompts, step)` begins a step's rollouts and `finish()` hands them to every rank. Without overlap the two
+    run back to back: `generate` is collective over the world and rank 0 scores what it returns. With
+    `rollout.one_step_off_policy` (split layout) `start` runs on the rollout ranks only: each engine samples its
+    share (`generate_local`, collective over the engine alone), the engine leaders send theirs to rank 0, which
+    scores them; meanwhile the trainer ranks go on training, and `finish` (collective over the world) broadcasts
+    the result from rank 0.
+    """
+
+    def __init__(self, engine, cfg: JobConfig, groups, tokenizer, pool, reward_cfg, rank: int):
+        self.engine = engine
+        self.cfg = cfg
+        self.groups = groups
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.reward_cfg = reward_cfg
+        self.rank = rank
+        self.overlap = cfg.rollout.one_step_off_policy
+        self.colocated = groups is None or groups.layout.kind == "colocated"
+        self.weights_step = 0
+        """the step of the weights the engine holds (advanced by the trainer after each sync)"""
+        self._pending: list | None = None
+
+    def _score(self, prompts, samples) -> tuple[list[float], list[float]]:
+        from megatron_rlvr.rewards import shape_rewards
+
+        texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+        scores = self.pool.score((prompts[s.prompt_index].record.dataset, text,
+                                  prompts[s.prompt_index].record.ground_truth) for s, text in zip(samples, texts))
+        return scores, shape_rewards(scores, [s.finished for s in samples], texts, self.reward_cfg)
+
+    def start(self, prompts, step: int, loader_state: dict) -> None:
+        sampling = sampling_config(self.cfg, seed=self.cfg.train.seed * 1_000_003 + step)
+        prompt_ids = [list(p.prompt_ids) for p in prompts]
+        t = time.perf_counter()
+        if not self.overlap:
+            if self.colocated:
+                self.engine.wake()
+            samples = self.engine.generate(prompt_ids, sampling)
+            if self.colocated:
+                self.engine.sleep()
+        else:
+            layout = self.groups.layout
+            samples = None
+            if layout.is_rollout(self.rank):
+                mine = self.engine.generate_local(prompt_ids, sampling)
+                if self.groups.engine_leaders is not None:  # engine leaders: their samples to rank 0
+                    gathered = [None] * layout.num_engines if self.rank == 0 else None
+                    dist.gather_object(mine, gathered, dst=0, group=self.groups.engine_leaders)
+                    if self.rank == 0:
+                        samples = sorted((x for part in gathered for x in part), key=lambda x: x.prompt_index)
+        generate_s = time.perf_counter() - t
+        t = time.perf_counter()
+        payload = None
+        if self.rank == 0:
+            scores, rewards = self._score(prompts, samples)
+            payload = ScoredRollouts(samples if self.overlap else [], scores, rewards, generate_s, 0.0,
+                                     self.weights_step, loader_state)
+            payload.verify_s = time.perf_counter() - t
+        self._pending = [payload, samples]
+
+    def finish(self) -> ScoredRollouts:
+        """Every rank's copy of the rollouts begun by the last `start` (collective over the world)."""
+        payload, samples = self._pending
+        self._pending = None
+        box = [payload]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+        if not self.overlap:  # every rank already holds the samples: only the scores travelled
+            result.samples = samples
+        return result
+
+    def produce(self, prompts, step: int, loader_state: dict) -> ScoredRollouts:
+        self.start(prompts, step, loader_state)
+        return self.finish()
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -351,31 +464,34 @@ def init_groups(cfg: JobConfig, world: int, *, vllm: bool):
 
 
 def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> dict:
-    """Run RLVR as configured; returns the last step's metrics (on every rank)."""
+    """Run RLVR as configured; returns the last step's metrics (on every rank).
+
+    In the split layout the rollout ranks hold no model: they take part in generation, the weight sync, metrics,
+    evaluation and checkpoints (all collective over the world) and skip the log-prob and update phases."""
     from transformers import AutoTokenizer
 
-    from megatron_rlvr.algorithms import compute_advantages, kl_reward_penalty, make_kl_controller
+    from megatron_rlvr.algorithms import make_kl_controller
     from megatron_rlvr.checkpoint import Checkpointer, export_hf, latest_checkpoint, remove_incomplete
     from megatron_rlvr.data import PromptLoader, RLVRPromptDataset
     from megatron_rlvr.metrics import MetricsWriter
+    from megatron_rlvr.models.llama import LlamaArch
     from megatron_rlvr.parallel.state import init_distributed, seed_everything
-    from megatron_rlvr.rewards import RewardConfig, RewardPool, shape_rewards
+    from megatron_rlvr.rewards import RewardConfig, RewardPool
 
     # -- validate, then join the world and build the parallel groups
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    if cfg.parallel.layout == "split":
-        raise NotImplementedError("parallel.layout=split: the trainer runs the colocated layout; use "
-                                  "parallel.layout=colocated")
     rank, world = init_distributed()
     dp_size = check_world(cfg, world)
     seed_everything(cfg.train.seed)
     groups, pg = init_groups(cfg, world, vllm=cfg.rollout.backend == "vllm" and rollout_factory is None)
     platform = current_platform()
-    last_stage = pg.pp.rank() == pg.pp.size() - 1
-    reports = last_stage and pg.tp.rank() == 0
+    trains = pg is not None  # False on the rollout-only ranks of the split layout
 
     # -- models, data, rollout engine, rewards
-    models, arch = build_models(cfg, pg)
+    if trains:
+        models, arch = build_models(cfg, pg, groups)
+    else:
+        models, arch = None, LlamaArch.from_pretrained(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     template = None if cfg.data.chat_template == "tokenizer" else cfg.data.chat_template
     dataset = RLVRPromptDataset.from_files(cfg.data.train_files, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
@@ -385,20 +501,25 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
                                                 on_malformed=cfg.data.on_malformed) if cfg.data.eval_files else None
     loader = PromptLoader(dataset, cfg.train.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     engine = build_rollout(cfg, models, arch, pg, tokenizer, groups, rollout_factory)
+    policy = models.policy if trains else None
     reward_cfg = RewardConfig(verified_reward=cfg.reward.verified_reward,
                               truncation_penalty=cfg.reward.truncation_penalty,
                               format_pattern=cfg.reward.format_pattern, format_reward=cfg.reward.format_reward)
     pool = RewardPool(cfg.reward.workers, cfg.reward.timeout_s) if rank == 0 else None
+    producer = RolloutProducer(engine, cfg, groups, tokenizer, pool, reward_cfg, rank)
     kl_ctl = make_kl_controller(cfg.algorithm.kl_coef, cfg.algorithm.target_kl)
 
     # -- resume
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    layout = {"world": world, "tp": pg.tp.size(), "pp": pg.pp.size(), "dp": dp_size}
-    named_models = {"policy": models.policy}
-    named_optimizers = {"policy": models.optimizer}
-    if models.value is not None:
-        named_models["value"] = models.value
-        named_optimizers["value"] = models.value_optimizer
+    layout = {"world": world, "layout": cfg.parallel.layout, "tp": cfg.parallel.tensor_parallel,
+              "pp": cfg.parallel.pipeline_parallel, "dp": dp_size}
+    # every rank names every model (dist_checkpointing is collective over the world); None where it is not held
+    named_models = {"policy": policy}
+    named_optimizers = {"policy": models.optimizer} if trains else {}
+    if cfg.algorithm.advantage_estimator == "gae":
+        named_models["value"] = models.value if trains else None
+        if trains:
+            named_optimizers["value"] = models.value_optimizer
     checkpointer = Checkpointer(ckpt_root, named_models, named_optimizers, layout, keep=cfg.checkpoint.keep)
     latest = [latest_checkpoint(ckpt_root) if rank == 0 else None]
     dist.broadcast_object_list(latest, src=0)
@@ -408,7 +529,8 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         start_step = state["step"]
         loader.load_state_dict(state["loader"])
         kl_ctl.load_state_dict(state["kl_controller"])
-        engine.sync_weights(models.policy)
+        engine.sync_weights(policy)
+        producer.weights_step = start_step
         if rank == 0:
             logger.info("resumed from %s (step %d)", latest[0], start_step)
     if rank == 0:
@@ -428,93 +550,51 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         writer.log({"step": 0, "eval/accuracy": evaluate(engine, eval_prompts, cfg, tokenizer, pool, rank, seed=0)})
 
     algo = cfg.algorithm
-    prompts_per_rank = cfg.train.prompts_per_step // dp_size
-    needs_old = algo.ppo_epochs * algo.mini_batches > 1
+    overlap = cfg.rollout.one_step_off_policy
+    # off-policy samples: the ratio is taken against the trainer's own log-probs before the update
+    needs_old = algo.ppo_epochs * algo.mini_batches > 1 or overlap
     record: dict = {}
+    ahead: tuple | None = None  # (prompts, rollouts) of the next step, begun while this one trains
     for step in range(start_step + 1, cfg.train.steps + 1):
         step_start = time.perf_counter()
-        prompts = next(loader)
+        wait_s = 0.0
+        # 1-2. rollouts of this step (sampled and scored), unless begun during the previous step
+        if ahead is None:
+            prompts = next(loader)
+            rollouts = producer.produce(prompts, step, loader.state_dict())
+        else:
+            prompts, rollouts = ahead
+            ahead = None
+        samples, scores, rewards = rollouts.samples, rollouts.scores, rollouts.rewards
+        if overlap and step < cfg.train.steps:
+            # one step off-policy: the rollout ranks sample step + 1 with the weights they hold while we train
+            next_prompts = next(loader)
+            producer.start(next_prompts, step + 1, loader.state_dict())
 
-        # 1. rollout: every rank takes part; all get every sample
         t = time.perf_counter()
-        engine.wake()
-        samples = engine.generate([list(p.prompt_ids) for p in prompts],
-                                  sampling_config(cfg, seed=cfg.train.seed * 1_000_003 + step))
-        engine.sleep()
-        generate_s = time.perf_counter() - t
-
-        # 2. verify on rank 0 (one reward pool), shaped rewards to everyone
-        t = time.perf_counter()
-        scored = [None]
-        if rank == 0:
-            texts = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-            scores = pool.score((prompts[s.prompt_index].record.dataset, text,
-                                 prompts[s.prompt_index].record.ground_truth) for s, text in zip(samples, texts))
-            rewards = shape_rewards(scores, [s.finished for s in samples], texts, reward_cfg)
-            scored = [(scores, rewards)]
-        dist.broadcast_object_list(scored, src=0)
-        scores, rewards = scored[0]
-        verify_s = time.perf_counter() - t
-
-        # 3. this DP rank's prompt groups; log-probs of old policy / reference, values
-        t = time.perf_counter()
-        mine = range(pg.dp.rank() * prompts_per_rank, (pg.dp.rank() + 1) * prompts_per_rank)
-        local = [i for i, s in enumerate(samples) if s.prompt_index in mine]
-        batch = pack_rollouts([samples[i] for i in local], [rewards[i] for i in local], tokenizer.pad_token_id)
-        if needs_old:
-            batch.fields["old_logprobs"] = per_token(models.policy, batch, pg, cfg, arch.vocab_size)
-        kl_coef = kl_ctl.value
-        if models.reference is not None:
-            batch.fields["ref_logprobs"] = per_token(models.reference, batch, pg, cfg, arch.vocab_size)
-        values = per_token(models.value, batch, pg, cfg, 1, value_model=True) if models.value is not None else None
-
-        # 4. advantages (KL as a reward penalty for kl_mode=reward)
-        token_rewards = batch.token_rewards
-        kl_stats = {}
-        if models.reference is not None and algo.kl_mode == "reward":
-            current = batch.fields.get("old_logprobs")
-            if current is None:
-                current = per_token(models.policy, batch, pg, cfg, arch.vocab_size)
-            token_rewards, kl_stats = kl_reward_penalty(token_rewards, current, batch.fields["ref_logprobs"],
-                                                        batch.mask, beta=kl_coef, kind=algo.kl_estimator)
-        advantages, returns = compute_advantages(algo.advantage_estimator, token_rewards, batch.mask,
-                                                 group_ids=batch.group_ids, values=values, gamma=algo.gamma,
-                                                 lam=algo.lam)
-        batch.fields["advantages"] = advantages
-        if values is not None:
-            batch.fields["values"] = values
-            batch.fields["returns"] = returns
-        logprob_s = time.perf_counter() - t
-
-        # 5. mini-batch updates over whole prompt groups
-        t = time.perf_counter()
-        lr = set_lr(models.optimizer, cfg.train.optimizer.lr, cfg.train.optimizer.warmup_steps,
-                    (step - 1) * algo.ppo_epochs * algo.mini_batches + 1)
-        group_of_row = torch.tensor(batch.group_ids)
-        update_stats = []
-        for epoch in range(algo.ppo_epochs):
-            order = torch.randperm(prompts_per_rank, generator=torch.Generator().manual_seed(step * 7919 + epoch))
-            for chunk in order.chunk(algo.mini_batches):
-                chosen = torch.isin(group_of_row - mine.start, chunk).nonzero().flatten()
-                mini = batch.rows(chosen)
-                update_stats += update_policy(models, mini, pg, cfg, arch.vocab_size, kl_coef)
-                if models.value is not None:
-                    update_stats += update_value(models, mini, pg, cfg)
+        local_stats = None
+        if trains:
+            local_stats = train_step(models, arch, pg, cfg, samples, rewards, kl_ctl.value, step, tokenizer,
+                                     dp_size, needs_old)
         platform.synchronize()
         train_s = time.perf_counter() - t
 
+        if overlap and step < cfg.train.steps:
+            t = time.perf_counter()
+            ahead = (next_prompts, producer.finish())
+            wait_s = time.perf_counter() - t  # the part of the next step's generation training did not hide
+
         # 6. weight sync (into an awake engine: its check after the sync runs the engine's model)
         t = time.perf_counter()
-        engine.wake()
-        engine.sync_weights(models.policy)
+        if producer.colocated:
+            engine.wake()
+        engine.sync_weights(policy)
+        producer.weights_step = step
         sync_s = time.perf_counter() - t
 
         # 7. metrics
-        local_stats = None
-        if reports:
-            local_stats = mean_stats(update_stats)
-            local_stats.update({f"kl_penalty/{k}": float(v) for k, v in kl_stats.items()})
         stats = gather_mean(local_stats)
+        kl_coef = kl_ctl.value
         if algo.target_kl is not None and "kl_penalty/kl_seq" in stats:
             kl_ctl.update(stats["kl_penalty/kl_seq"], len(samples))
         response_lengths = [len(s.response_ids) for s in samples]
@@ -526,14 +606,16 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
             "score_mean": sum(scores) / len(scores),
             "kl": stats.pop("kl", 0.0),
             "kl_coef": kl_coef,
-            "lr": lr,
+            "lr": stats.pop("lr", 0.0),
             "response_length/mean": sum(response_lengths) / len(response_lengths),
             "response_length/max": max(response_lengths),
             "response_length/clip_ratio": sum(not s.finished for s in samples) / len(samples),
-            "timing/generate_s": generate_s,
-            "timing/verify_s": verify_s,
-            "timing/logprob_s": logprob_s,
+            "rollout/weights_step": rollouts.weights_step,
+            "timing/generate_s": rollouts.generate_s,
+            "timing/verify_s": rollouts.verify_s,
+            "timing/logprob_s": stats.pop("timing/logprob_s", 0.0),
             "timing/train_s": train_s,
+            "timing/rollout_wait_s": wait_s,
             "timing/sync_s": sync_s,
             "timing/step_s": step_s,
             "tokens_per_s": tokens / step_s,
@@ -550,13 +632,13 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
             progress.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.4f}",
                                  step_s=f"{step_s:.1f}")
 
-        # checkpoint
+        # checkpoint: the loader position right after this step's prompts (a resume samples the next step anew)
         interval = cfg.checkpoint.interval
         if (interval and step % interval == 0) or step == cfg.train.steps:
-            checkpointer.save(step, {"loader": loader.state_dict(), "kl_controller": kl_ctl.state_dict()})
+            checkpointer.save(step, {"loader": rollouts.loader_state, "kl_controller": kl_ctl.state_dict()})
 
     if cfg.checkpoint.export_hf:
-        export_hf(models.policy, arch, pg, cfg.model.path, os.path.join(cfg.output_dir, "hf"))
+        export_hf(policy, arch, pg, cfg.model.path, os.path.join(cfg.output_dir, "hf"))
     if progress is not None:
         progress.close()
     writer.close()
@@ -564,3 +646,60 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         pool.close()
     return record
 
+
+def train_step(models: Models, arch, pg, cfg: JobConfig, samples, rewards: list[float], kl_coef: float, step: int,
+               tokenizer, dp_size: int, needs_old: bool) -> dict | None:
+    """Log-probs, advantages and the mini-batch updates of one step on a trainer rank; returns the step's update
+    stats on the ranks that report them (last pipeline stage, TP rank 0), None elsewhere."""
+    from megatron_rlvr.algorithms import compute_advantages, kl_reward_penalty
+
+    algo = cfg.algorithm
+    prompts_per_rank = cfg.train.prompts_per_step // dp_size
+
+    # 3. this DP rank's prompt groups; log-probs of old policy / reference, values
+    t = time.perf_counter()
+    mine = range(pg.dp.rank() * prompts_per_rank, (pg.dp.rank() + 1) * prompts_per_rank)
+    local = [i for i, s in enumerate(samples) if s.prompt_index in mine]
+    batch = pack_rollouts([samples[i] for i in local], [rewards[i] for i in local], tokenizer.pad_token_id)
+    if needs_old:
+        batch.fields["old_logprobs"] = per_token(models.policy, batch, pg, cfg, arch.vocab_size)
+    if models.reference is not None:
+        batch.fields["ref_logprobs"] = per_token(models.reference, batch, pg, cfg, arch.vocab_size)
+    values = per_token(models.value, batch, pg, cfg, 1, value_model=True) if models.value is not None else None
+
+    # 4. advantages (KL as a reward penalty for kl_mode=reward)
+    token_rewards = batch.token_rewards
+    kl_stats = {}
+    if models.reference is not None and algo.kl_mode == "reward":
+        current = batch.fields.get("old_logprobs")
+        if current is None:
+            current = per_token(models.policy, batch, pg, cfg, arch.vocab_size)
+        token_rewards, kl_stats = kl_reward_penalty(token_rewards, current, batch.fields["ref_logprobs"],
+                                                    batch.mask, beta=kl_coef, kind=algo.kl_estimator)
+    advantages, returns = compute_advantages(algo.advantage_estimator, token_rewards, batch.mask,
+                                             group_ids=batch.group_ids, values=values, gamma=algo.gamma, lam=algo.lam)
+    batch.fields["advantages"] = advantages
+    if values is not None:
+        batch.fields["values"] = values
+        batch.fields["returns"] = returns
+    logprob_s = time.perf_counter() - t
+
+    # 5. mini-batch updates over whole prompt groups
+    lr = set_lr(models.optimizer, cfg.train.optimizer.lr, cfg.train.optimizer.warmup_steps,
+                (step - 1) * algo.ppo_epochs * algo.mini_batches + 1)
+    group_of_row = torch.tensor(batch.group_ids)
+    update_stats = []
+    for epoch in range(algo.ppo_epochs):
+        order = torch.randperm(prompts_per_rank, generator=torch.Generator().manual_seed(step * 7919 + epoch))
+        for chunk in order.chunk(algo.mini_batches):
+            chosen = torch.isin(group_of_row - mine.start, chunk).nonzero().flatten()
+            mini = batch.rows(chosen)
+            update_stats += update_policy(models, mini, pg, cfg, arch.vocab_size, kl_coef)
+            if models.value is not None:
+                update_stats += update_value(models, mini, pg, cfg)
+    if not (pg.pp.rank() == pg.pp.size() - 1 and pg.tp.rank() == 0):
+        return None
+    stats = mean_stats(update_stats)
+    stats.update({f"kl_penalty/{k}": float(v) for k, v in kl_stats.items()})
+    stats.update({"lr": lr, "timing/logprob_s": logprob_s})
+    return stats
