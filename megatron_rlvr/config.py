@@ -422,21 +422,33 @@ def _heads_layers(arch) -> tuple[int, int, int]:
     return arch.heads, arch.kv_heads, arch.layers
 
 
-def check_model_parallel(arch, source: str, tp: int, pp: int, key_prefix: str = "parallel") -> None:
+def check_model_parallel(arch, source: str, tp: int, pp: int, key_prefix: str = "parallel",
+                         first_stage_layers: int | None = None, last_stage_layers: int | None = None,
+                         keys: tuple[str, str] = ("tensor_parallel", "pipeline_parallel"),
+                         notes: tuple[str, str] = ("", "")) -> None:
+    """`arch` (a LlamaArch or planner ModelSpec read from `source`) sharded `tp` ways and split over `pp` stages
+    (`first_stage_layers` / `last_stage_layers`: an uneven split); the error names `key_prefix`.`keys` (with
+    `notes` after their values) and the values that fit."""
+    from megatron_rlvr.models.stages import PipelineSplit
+
     heads, kv_heads, layers = _heads_layers(arch)
+    tp_key, pp_key = (f"{key_prefix}.{k}" for k in keys)
     for name, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
         if value % tp:
             fits = [d for d in range(1, value + 1) if value % d == 0]
-            raise ConfigError(
-                f"{key_prefix}.tensor_parallel={tp} does not divide {name}={value} of {source}; "
-                f"set {key_prefix}.tensor_parallel to one of {fits}"
-            )
-    if layers % pp:
-        fits = [d for d in range(1, layers + 1) if layers % d == 0]
-        raise ConfigError(
-            f"{key_prefix}.pipeline_parallel={pp} does not divide num_hidden_layers={layers} of {source}; "
-            f"set {key_prefix}.pipeline_parallel to one of {fits}"
-        )
+            raise ConfigError(f"{tp_key}={tp}{notes[0]} does not divide {name}={value} of {source}; set {tp_key} "
+                              f"to one of {fits}")
+    try:
+        PipelineSplit(layers, pp, first_stage_layers, last_stage_layers)
+    except ValueError as err:
+        if first_stage_layers is None and last_stage_layers is None and layers % pp:
+            fits = [d for d in range(1, layers + 1) if layers % d == 0]
+            raise ConfigError(f"{pp_key}={pp}{notes[1]} does not divide num_hidden_layers={layers} of {source}; set {pp_key} "
+                              f"to one of {fits}" + ("" if keys[1] != "pipeline_parallel" else
+                                                     f", or split unevenly with {key_prefix}.pipeline_first_stage_"
+                                                     f"layers / {key_prefix}.pipeline_last_stage_layers")) from None
+        raise ConfigError(f"{pp_key}={pp} with {key_prefix}.pipeline_first_stage_layers={first_stage_layers or 0}, "
+                          f"{key_prefix}.pipeline_last_stage_layers={last_stage_layers or 0} ({source}): {err}") from None
 
 
 def value_parallel_sizes(par: ParallelConfig) -> tuple[int, int]:
@@ -454,9 +466,11 @@ def training_world(cfg: JobConfig, world_size: int) -> int:
     return world_size - cfg.parallel.rollout_ranks if cfg.parallel.layout == "split" else world_size
 
 
-def _check_model_dir(cfg, key: str, path: str, shape: str, check_paths: bool, unchecked: list, fix: str) -> None:
-    """The model at `path` (or the named `shape`) against the configured TP / PP; a path that cannot be read now is
-    an error when `check_paths`, else listed in `unchecked`."""
+def _check_model_dir(cfg, key: str, path: str, shape: str, check_paths: bool, unchecked: list, fix: str,
+                     value_model: bool = False) -> None:
+    """The model at `path` (or the named `shape`) against the configured TP / PP (the value model's own sizes
+    when `value_model`); a path that cannot be read now is an error when `check_paths`, else listed in
+    `unchecked`."""
     arch, source = model_arch(path, shape, key)
     if arch is None:
         if check_paths:
@@ -465,7 +479,17 @@ def _check_model_dir(cfg, key: str, path: str, shape: str, check_paths: bool, un
         return
     if source != path:
         unchecked.append(path)
-    check_model_parallel(arch, source, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+    par = cfg.parallel
+    if value_model:
+        tp, pp = value_parallel_sizes(par)
+        notes = tuple("" if own else f" (unset: the policy's parallel.{key})" for own, key in (
+            (par.value_tensor_parallel, "tensor_parallel"), (par.value_pipeline_parallel, "pipeline_parallel")))
+        check_model_parallel(arch, f"the value model {source}", tp, pp,
+                             keys=("value_tensor_parallel", "value_pipeline_parallel"), notes=notes)
+    else:
+        first, last = policy_stage_layers(par)
+        check_model_parallel(arch, source, par.tensor_parallel, par.pipeline_parallel, first_stage_layers=first,
+                             last_stage_layers=last)
 
 
 def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool = True) -> list[str]:
@@ -487,6 +511,10 @@ def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool
     ):
         if value not in known:
             raise ConfigError(f"{key}={value!r} is not registered; known: {', '.join(known)}")
+    for key in ("parallel.pipeline_first_stage_layers", "parallel.pipeline_last_stage_layers",
+                "parallel.value_tensor_parallel", "parallel.value_pipeline_parallel"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0 (0: the default, see --list-keys)")
     positive = ("train.steps", "train.prompts_per_step", "train.micro_batch_size", "rollout.n", "rollout.max_tokens",
                 "parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.rollout_tensor_parallel",
                 "algorithm.ppo_epochs", "algorithm.mini_batches", "data.max_prompt_length", "reward.workers")
@@ -513,9 +541,13 @@ def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool
     _check_model_dir(cfg, "model.path", cfg.model.path, cfg.model.shape, check_paths, unchecked,
                      "point it at a HuggingFace Llama directory (download it first), or set model.shape for a "
                      "--dry-run")
-    if algo.advantage_estimator == "gae" and cfg.model.value_path:
-        _check_model_dir(cfg, "model.value_path", cfg.model.value_path, cfg.model.value_shape, check_paths, unchecked,
-                         "point it at a HuggingFace Llama directory, or leave it empty to start from the policy")
+    if algo.advantage_estimator == "gae":
+        if cfg.model.value_path:
+            _check_model_dir(cfg, "model.value_path", cfg.model.value_path, cfg.model.value_shape, check_paths,
+                             unchecked, "point it at a HuggingFace Llama directory, or leave it empty to start from "
+                             "the policy", value_model=True)
+        else:  # the value model starts from the policy's weights: same shape, its own TP / PP
+            _check_model_dir(cfg, "model.path", cfg.model.path, cfg.model.shape, False, [], "", value_model=True)
 
     # data files
     if not cfg.data.train_files:
@@ -566,6 +598,21 @@ def check_world(cfg: JobConfig, world_size: int) -> int:
     if par.layout == "colocated" and world_size % par.rollout_tensor_parallel:
         raise ConfigError(f"world size {world_size} is not a multiple of parallel.rollout_tensor_parallel="
                           f"{par.rollout_tensor_parallel}; every rank of the colocated layout generates")
+    if cfg.algorithm.advantage_estimator == "gae":
+        vtp, vpp = value_parallel_sizes(par)
+        if train_ranks % (vtp * vpp):
+            raise ConfigError(
+                f"the value model's groups do not fit: training ranks {train_ranks} must be a multiple of "
+                f"parallel.value_tensor_parallel x parallel.value_pipeline_parallel = {vtp} x {vpp}; choose sizes "
+                f"whose product divides {train_ranks}"
+            )
+        value_dp = train_ranks // (vtp * vpp)
+        if cfg.train.prompts_per_step % (value_dp * cfg.algorithm.mini_batches):
+            raise ConfigError(
+                f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the value model's "
+                f"data-parallel size {value_dp} x algorithm.mini_batches={cfg.algorithm.mini_batches} (whole prompt "
+                "groups per value-model rank and mini-batch)"
+            )
     dp = train_ranks // model_parallel
     groups = dp * cfg.algorithm.mini_batches
     if cfg.train.prompts_per_step % groups:

@@ -63,23 +63,11 @@ class PipelineSplit:
         if not self.uneven:
             divisors = [d for d in range(1, n + 1) if n % d == 0]
             return (f"pipeline parallel size {pp} does not divide num_hidden_layers={n}; use one of {divisors}, or "
-                    f"set the layers of the first/last stage ({self.suggestions()})")
+                    f"set the layers of the first/last stage ({fitting_splits(self.num_layers, self.pp)})")
         given = ", ".join(f"{k}={v}" for k, v in (("first", self.first), ("last", self.last)) if v is not None)
         where = f"{middle} other stage(s)" if middle else "no other stage"
         return (f"pipeline split of num_hidden_layers={n} over pp={pp} with {given} leaves {rest} layer(s) for "
-                f"{where}: they must split evenly, at least one per stage; {self.suggestions()}")
-
-    def suggestions(self) -> str:
-        """Uneven splits of the same layers over the same pp that fit, for error messages."""
-        n, pp = self.num_layers, self.pp
-        if pp == 2:
-            return f"at pp=2 any first + last = {n} fits"
-        ends = [k for k in range(1, n + 1) if n - 2 * k >= pp - 2 and (n - 2 * k) % (pp - 2) == 0] if pp > 2 else []
-        lighter = [k for k in ends if k <= -(-n // pp)]  # first/last no heavier than the even share
-        ends = lighter or ends
-        if not ends:
-            return f"no split with equal first and last stages fits pp={pp}"
-        return f"at pp={pp}, first = last in {ends[:12]}" + (" ..." if len(ends) > 12 else "") + " fit"
+                f"{where}: they must split evenly, at least one per stage; {fitting_splits(self.num_layers, self.pp)}")
 
     def counts(self) -> list[int]:
         """Layers per stage, in stage order."""
@@ -109,3 +97,17 @@ class PipelineSplit:
         """The split of a megatron-core TransformerConfig."""
         return cls(config.num_layers, config.pipeline_model_parallel_size,
                    config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage)
+
+
+def fitting_splits(num_layers: int, pp: int) -> str:
+    """The uneven splits of `num_layers` over `pp` stages with equal first and last stages, lighter ones first
+    (for error messages)."""
+    if pp == 2:
+        return f"at pp=2 any first + last = {num_layers} fits"
+    ends = [k for k in range(1, num_layers + 1)
+            if num_layers - 2 * k >= pp - 2 and (num_layers - 2 * k) % (pp - 2) == 0] if pp > 2 else []
+    lighter = [k for k in ends if k <= -(-num_layers // pp)]  # first/last no heavier than the even share
+    ends = lighter or ends
+    if not ends:
+        return f"no split with equal first and last stages fits pp={pp}"
+    return f"at pp={pp}, first = last in {ends[:12]}" + (" ..." if len(ends) > 12 else "") + " fit"

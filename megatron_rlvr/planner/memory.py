@@ -11,8 +11,12 @@ Activations per token per layer, bf16, attention through SDPA/flash (no s x s sc
     + 2h (MLP norm input) + 2h (gate/up input) + 4f (gate, up) + 2f (down input)  =  12h + 4 h_kv + 6f
 divided by t (sequence parallelism shards the norm regions too; Korthikanti et al. 2022 count 34h for GPT).
 Full recomputation keeps only each layer's input (2h per token per layer) plus one layer's activations for
-the recompute. With 1F1B the first stage holds min(pp, micro-batches) micro-batches in flight, the last one.
+the recompute. With 1F1B pipeline stage s holds min(pp - s, micro-batches) micro-batches in flight.
 The last stage also holds the logits at the loss: tokens x V / t x (bytes per logit of the log-prob path).
+
+Every stage is evaluated with its own layer count (uneven splits: `models.stages.PipelineSplit`). A value
+model on groups of its own (value_tp x value_pp over the same GPUs) adds its stage's states to each GPU; the
+worst (policy stage, value stage) pair that shares a GPU is reported.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megatron_rlvr.models.stages import PipelineSplit
 from megatron_rlvr.planner.specs import ClusterSpec, Efficiency, Layout, ModelSpec
 
 GIB = float(2**30)
@@ -32,14 +37,15 @@ def activation_bytes_per_token_layer(model: ModelSpec) -> int:
     return 12 * model.hidden + 4 * model.kv_heads * model.dim_head + 6 * model.ffn
 
 
-def stage_params(model: ModelSpec, pp: int, first: bool, last: bool) -> int:
-    """Parameters on one pipeline stage: ceil(L / pp) layers + the embedding on the first stage + the final
-    norm and LM head on the last."""
-    params = math.ceil(model.layers / pp) * model.layer_params
+def stage_params(model: ModelSpec, layers: int, first: bool, last: bool, lm_head: bool = True) -> int:
+    """Parameters on one pipeline stage: its `layers` layers + the embedding on the first stage + the final norm
+    and LM head on the last (a value model's scalar head instead of the LM head: `lm_head=False`)."""
+    params = layers * model.layer_params
     if first:
         params += model.embedding_params
     if last:
-        params += model.hidden + (0 if model.tied_embeddings and not first else model.embedding_params)
+        head = 0 if model.tied_embeddings and not first else model.embedding_params
+        params += model.hidden + (head if lm_head else model.hidden)
     return params
 
 
@@ -110,27 +116,56 @@ def train_memory(model: ModelSpec, layout: Layout, eff: Efficiency, value: Model
         return TrainMemory(weights, grads, optimizer, reference, value_states, acts, logits, "all ranks")
     tp, pp, dp = layout.tp, layout.pp, max(layout.dp, 1)
     grad_bytes = 4 if layout.grad_dtype == "fp32" else 2
-    stages = {"first": (True, pp == 1), "last": (pp == 1, True)}
+    policy = _stage_memory(model, layout.policy_split(model), tp, dp, grad_bytes, micro_batches, layout)
+    value_stages = None
+    if value:
+        vtp, vpp = layout.value_dims
+        vdp = max(layout.train_gpus // (vtp * vpp), 1)
+        # a value-DP rank's share of the sequences: micro-batches scale with dp / vdp
+        value_micro = max(1, math.ceil(micro_batches * dp / vdp))
+        value_stages = _stage_memory(value, PipelineSplit(value.layers, vpp), vtp, vdp, grad_bytes, value_micro,
+                                     layout, lm_head=False)
     worst = None
-    for stage, (first, last) in stages.items():
-        params = stage_params(model, pp, first, last)
-        weights, grads, optimizer = _states(params, tp, tp * dp, grad_bytes)
-        reference = 2 * params / tp if layout.kl_beta > 0 else 0.0
-        value_states = 0.0
-        if value:
-            value_params = value.params / pp
-            value_states = sum(_states(value_params, tp, tp * dp, grad_bytes))
-        in_flight = min(pp, micro_batches) if first and pp > 1 else 1
-        layers = math.ceil(model.layers / pp)
-        acts = _activations(model, layout, layers, in_flight, tp)
-        if value:
-            acts = max(acts, _activations(value, layout, math.ceil(value.layers / pp), in_flight, tp))
-        logits = micro_batch_tokens(layout) * model.vocab / tp * logit_bytes if last else 0.0
-        memory = TrainMemory(weights, grads, optimizer, reference, value_states, acts, logits,
-                             "only stage" if pp == 1 else f"{stage} stage")
+    for p_stage, v_stage in _stages_sharing_a_gpu(layout, bool(value)):
+        states, acts = policy[p_stage]
+        reference = states[0] if layout.kl_beta > 0 else 0.0  # frozen bf16 copy of the policy stage's weights
+        value_states, value_acts = (sum(value_stages[v_stage][0]), value_stages[v_stage][1]) if value else (0.0, 0.0)
+        logits = micro_batch_tokens(layout) * model.vocab / tp * logit_bytes if p_stage == pp - 1 else 0.0
+        # the value model's passes run after the policy's: activations of one of them at a time
+        memory = TrainMemory(*states, reference, value_states, max(acts, value_acts), logits,
+                             _stage_name(p_stage, pp, v_stage if value and layout.value_dims != (tp, pp) else None))
         if worst is None or memory.total > worst.total:
             worst = memory
     return worst
+
+
+def _stage_memory(model: ModelSpec, split: PipelineSplit, tp: int, dp: int, grad_bytes: int, micro_batches: int,
+                  layout: Layout, lm_head: bool = True) -> list[tuple[tuple[float, float, float], float]]:
+    """Per pipeline stage: ((weights, gradients, optimizer) bytes, activation bytes) on one GPU. With 1F1B stage
+    s holds min(pp - s, micro-batches) micro-batches in flight."""
+    out = []
+    for rank, layers in enumerate(split.counts()):
+        params = stage_params(model, layers, rank == 0, rank == split.pp - 1, lm_head)
+        in_flight = min(split.pp - rank, micro_batches)
+        out.append((_states(params, tp, tp * dp, grad_bytes), _activations(model, layout, layers, in_flight, tp)))
+    return out
+
+
+def _stages_sharing_a_gpu(layout: Layout, with_value: bool) -> set[tuple[int, int]]:
+    """(policy stage, value stage) pairs held by one training GPU: megatron's rank order puts PP outermost, so
+    rank r is on stage r // (tp * dp) of each model's grid."""
+    policy_block = layout.tp * max(layout.dp, 1)
+    if not with_value:
+        return {(stage, 0) for stage in range(layout.pp)}
+    vtp, vpp = layout.value_dims
+    value_block = vtp * max(layout.train_gpus // (vtp * vpp), 1)
+    return {(min(r // policy_block, layout.pp - 1), min(r // value_block, vpp - 1)) for r in range(layout.train_gpus)}
+
+
+def _stage_name(policy_stage: int, pp: int, value_stage: int | None) -> str:
+    name = "only stage" if pp == 1 else {0: "first stage", pp - 1: "last stage"}.get(
+        policy_stage, f"stage {policy_stage}")
+    return name if value_stage is None else f"{name}, value model stage {value_stage}"
 
 
 def kv_bytes_per_token_per_gpu(model: ModelSpec, rollout_tp: int) -> float:

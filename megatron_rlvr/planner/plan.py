@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from megatron_rlvr.models.stages import fitting_splits
 from megatron_rlvr.planner.memory import GIB, RolloutMemory, TrainMemory, rollout_memory, train_memory
 from megatron_rlvr.planner.specs import ClusterSpec, Efficiency, Layout, ModelSpec, field_docs, load_model
 from megatron_rlvr.planner.timing import (
@@ -106,19 +107,26 @@ def _structure(model: ModelSpec, cluster: ClusterSpec, layout: Layout, value: Mo
         problems.append(Problem(
             f"train TP {tp} does not divide the {model.heads} attention heads and {model.kv_heads} KV heads "
             f"of {model.name}", f"use train TP in {train_tps} (nearest: {_nearest(tp, train_tps)})"))
-    if value and (value.heads % tp or value.kv_heads % tp):
-        problems.append(Problem(f"train TP {tp} does not divide the heads of the value model {value.name}",
-                                f"use a TP dividing {math.gcd(value.heads, value.kv_heads)}"))
+    if value:
+        problems += _value_structure(value, layout)
     rtp = layout.rollout_tp
     rollout_tps = [d for d in _divisors(model.heads) if model.kv_heads % d == 0 or d % model.kv_heads == 0]
     if rtp not in rollout_tps:
         problems.append(Problem(
             f"rollout TP {rtp} must divide the {model.heads} attention heads and divide or be a multiple of the "
             f"{model.kv_heads} KV heads", f"use rollout TP in {[d for d in rollout_tps if d <= 64]}"))
-    if model.layers % pp:
-        options = [d for d in _divisors(model.layers) if d <= layout.train_gpus]
-        problems.append(Problem(f"PP {pp} does not divide the {model.layers} layers of {model.name}",
-                                f"use PP in {options[:12]} (nearest: {_nearest(pp, options)})"))
+    try:
+        layout.policy_split(model)
+    except ValueError as err:
+        if layout.pp_first_layers or layout.pp_last_layers:
+            problems.append(Problem(f"pipeline split of {model.name}: {err}",
+                                    "set --pp-first-layers / --pp-last-layers to a split that fits"))
+        else:
+            options = [d for d in _divisors(model.layers) if d <= layout.train_gpus]
+            problems.append(Problem(f"PP {pp} does not divide the {model.layers} layers of {model.name}",
+                                    f"use PP in {options[:12]} (nearest: {_nearest(pp, options)}), or give the "
+                                    f"first/last stage their own layer counts, --pp-first-layers / --pp-last-layers "
+                                    f"({fitting_splits(model.layers, pp)})"))
     if layout.train_gpus < 1 or (layout.placement == "split" and layout.rollout_gpus < 1):
         problems.append(Problem(
             f"split layout needs GPUs for both roles; got train {layout.train_gpus}, rollout {layout.rollout_gpus} "
@@ -141,18 +149,72 @@ def _structure(model: ModelSpec, cluster: ClusterSpec, layout: Layout, value: Mo
     return problems
 
 
+def _value_structure(value: ModelSpec, layout: Layout) -> list[Problem]:
+    """The value model's TP / PP (its own groups, or the policy's) against its shape and the training GPUs."""
+    problems = []
+    vtp, vpp = layout.value_dims
+    own = "--value-tp" if layout.value_tp else "--value-tp (unset: the policy's --tp)"
+    if value.heads % vtp or value.kv_heads % vtp:
+        fits = _divisors(math.gcd(value.heads, value.kv_heads))
+        problems.append(Problem(f"value TP {vtp} does not divide the {value.heads} heads and {value.kv_heads} KV "
+                                f"heads of the value model {value.name}", f"set {own} to one of {fits}"))
+    if value.layers % vpp:
+        own = "--value-pp" if layout.value_pp else "--value-pp (unset: the policy's --pp)"
+        problems.append(Problem(f"value PP {vpp} does not divide the {value.layers} layers of the value model "
+                                f"{value.name}", f"set {own} to one of {_divisors(value.layers)}: the value model "
+                                "gets groups of its own"))
+    if layout.train_backend == "megatron" and layout.train_gpus % (vtp * vpp):
+        problems.append(Problem(f"value TP {vtp} x PP {vpp} = {vtp * vpp} does not divide the {layout.train_gpus} "
+                                "training GPUs", "choose --value-tp / --value-pp whose product divides them"))
+    return problems
+
+
 def _memory_fits(model, cluster, layout, eff, value) -> tuple[bool, TrainMemory]:
     memory = train_memory(model, layout, eff, value, micro_batches_per_rank(layout, eff))
     return memory.total <= (cluster.memory_gib - cluster.reserved_gib) * GIB, memory
 
 
-def _regrid(layout: Layout, cluster: ClusterSpec, tp: int, pp: int, text: str) -> tuple[str, Layout, ClusterSpec]:
-    """A TP/PP change, trimming the training GPUs to a multiple of tp * pp when needed."""
+def _regrid(layout: Layout, cluster: ClusterSpec, tp: int, pp: int, text: str, value: ModelSpec | None,
+            ends: int | None = None) -> tuple[str, Layout, ClusterSpec]:
+    """A TP/PP change (with `ends` layers on the first and last stage; None: the split stays), trimming the training GPUs to a
+    multiple of tp * pp when needed; a value model that followed the old PP and cannot follow the new one gets
+    a PP of its own."""
     gpus = layout.train_gpus // (tp * pp) * tp * pp
     if gpus != layout.train_gpus:
         text += f" on {gpus} training GPUs"
-    return text + f", DP {gpus // (tp * pp)})", dataclasses.replace(layout, tp=tp, pp=pp, train_gpus=gpus,
-                                                                      dp=gpus // (tp * pp)), cluster
+    text += f", DP {gpus // (tp * pp)}"
+    changes = dict(tp=tp, pp=pp, train_gpus=gpus, dp=gpus // (tp * pp))
+    if ends is not None:
+        changes.update(pp_first_layers=ends, pp_last_layers=ends)
+    if value and not layout.value_pp and value.layers % pp:
+        vtp = layout.value_tp or tp
+        vpp = max(d for d in _divisors(value.layers) if d <= pp and gpus % (vtp * d) == 0)
+        changes["value_pp"] = vpp
+        text += f"; value model on its own groups, --value-pp {vpp}"
+    return text + ")", dataclasses.replace(layout, **changes), cluster
+
+
+def _pipeline_candidates(model: ModelSpec, cluster: ClusterSpec, layout: Layout, eff: Efficiency,
+                         value: ModelSpec | None):
+    """Higher PPs, in order: those dividing the layers (trimming GPUs if needed), and those dividing the
+    training GPUs with equal first and last stages of the layer count that needs the least memory per GPU."""
+    out = []
+    for pp in range(layout.pp + 1, layout.train_gpus // layout.tp + 1):
+        if model.layers % pp == 0:
+            out.append(_regrid(layout, cluster, layout.tp, pp, f"raise PP to {pp} (--pp {pp}", value, ends=0))
+        elif layout.train_gpus % (layout.tp * pp) == 0 and pp > 2:
+            splits = []
+            for k in range(1, model.layers + 1):
+                middle, left = divmod(model.layers - 2 * k, pp - 2)
+                if middle >= 1 and not left:
+                    text = (f"raise PP to {pp} with {k} | {middle} x {pp - 2} | {k} layers per stage (--pp {pp} "
+                            f"--pp-first-layers {k} --pp-last-layers {k}")
+                    candidate = _regrid(layout, cluster, layout.tp, pp, text, value, ends=k)
+                    if not _structure(model, cluster, candidate[1], value):
+                        splits.append((_memory_fits(model, cluster, candidate[1], eff, value)[1].total, candidate))
+            if splits:
+                out.append(min(splits, key=lambda item: item[0])[1])
+    return out
 
 
 def _train_memory_fix(model, cluster, layout, eff, value) -> str:
@@ -179,10 +241,9 @@ def _train_memory_fix(model, cluster, layout, eff, value) -> str:
                                dataclasses.replace(layout, grad_dtype="bf16"), cluster))
         for tp in _divisors(math.gcd(model.heads, model.kv_heads)):
             if layout.tp < tp <= cluster.gpus_per_node:
-                candidates.append(_regrid(layout, cluster, tp, layout.pp, f"raise train TP to {tp} (--tp {tp}"))
-        for pp in _divisors(model.layers):
-            if layout.pp < pp <= layout.train_gpus // layout.tp:
-                candidates.append(_regrid(layout, cluster, layout.tp, pp, f"raise PP to {pp} (--pp {pp}"))
+                candidates.append(_regrid(layout, cluster, tp, layout.pp, f"raise train TP to {tp} (--tp {tp}",
+                                          value))
+        candidates += _pipeline_candidates(model, cluster, layout, eff, value)
     for extra in range(1, cluster.nodes + 1):
         grown = dataclasses.replace(cluster, gpus=cluster.gpus + extra * cluster.gpus_per_node)
         train_gpus = layout.train_gpus + extra * cluster.gpus_per_node

@@ -13,6 +13,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from megatron_rlvr.models.stages import PipelineSplit
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -144,6 +146,11 @@ class Layout:
     pp: int = 1
     dp: int = 0
     """0: train_gpus // (tp * pp)."""
+    pp_first_layers: int = 0
+    """Layers on the first pipeline stage, which also holds the embedding (0: the even share); the layers not on
+    the first/last stage split evenly over the others (megatron-core's uneven pipeline)."""
+    pp_last_layers: int = 0
+    """Layers on the last pipeline stage, which also holds the final norm, LM head and logits (0: the even share)."""
     train_backend: str = "megatron"
     """megatron: TP/PP/DP with the distributed optimizer (optimizer states sharded over DP). zero3: DeepSpeed
     ZeRO stage 3 / FSDP over all training GPUs (weights, grads and optimizer states sharded, weights
@@ -159,6 +166,10 @@ class Layout:
     """vLLM gpu_memory_utilization (its default): share of GPU memory for weights + KV cache."""
     value_model: str = ""
     """Size or config.json of the PPO value model, trained on the training GPUs beside the policy; '' for none."""
+    value_tp: int = 0
+    """megatron backend: the value model's TP on groups of its own over the training GPUs (0: the policy's tp)."""
+    value_pp: int = 0
+    """megatron backend: the value model's PP (0: the policy's pp); an even split of its layers."""
     kl_beta: float = 0.05
     """> 0 keeps a frozen reference model and runs its forward pass every step."""
     prompts_per_step: int = 512
@@ -189,6 +200,15 @@ class Layout:
     logprob_kernel: str = "fused"
     """fused: the Triton log-prob/entropy kernels (no fp32 copy of the logits); unfused: torch
     float() + log_softmax + gather."""
+
+    def policy_split(self, model: ModelSpec) -> PipelineSplit:
+        """The policy's layers per pipeline stage (ValueError when the split is impossible)."""
+        return PipelineSplit(model.layers, self.pp, self.pp_first_layers or None, self.pp_last_layers or None)
+
+    @property
+    def value_dims(self) -> tuple[int, int]:
+        """(TP, PP) of the value model."""
+        return self.value_tp or self.tp, self.value_pp or self.pp
 
     def resolved(self, cluster: ClusterSpec) -> "Layout":
         """Fills the derived defaults (0 fields) for this cluster."""

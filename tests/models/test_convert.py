@@ -92,3 +92,20 @@ def test_cli_failed_conversion_leaves_nothing(tmp_path):
     assert proc.returncode == 1
     assert "does not divide num_attention_heads" in proc.stderr
     assert not out.exists()
+
+
+def test_uneven_pipeline_round_trip_bit_exact(tmp_path):
+    """HF -> PP 3 split 2 | 3 | 2 -> TP 2 -> HF, and the split is recorded with the checkpoint."""
+    src = tiny_model_dir(tmp_path, "tiny", num_hidden_layers=7)
+    convert.hf_to_mcore(src, str(tmp_path / "pp3"), tp=1, pp=3, first_stage_layers=2, last_stage_layers=2)
+    assert convert.read_metadata(str(tmp_path / "pp3"))["saved_stage_layers"] == [2, 3, 2]
+    convert.reshard(str(tmp_path / "pp3"), str(tmp_path / "tp2"), tp=2, pp=1)
+    convert.mcore_to_hf(str(tmp_path / "tp2"), str(tmp_path / "back"))
+    _assert_bit_exact(src, str(tmp_path / "back"))
+
+
+def test_impossible_pipeline_split_is_refused(tmp_path):
+    src = tiny_model_dir(tmp_path, "tiny", num_hidden_layers=7)
+    with pytest.raises(ValueError, match=r"first=2 leaves 5 layer\(s\) for 2 other stage\(s\).*first = last in \[1, 2\]"):
+        convert.hf_to_mcore(src, str(tmp_path / "out"), pp=3, first_stage_layers=2)
+    assert not os.path.exists(tmp_path / "out")
