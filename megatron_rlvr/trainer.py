@@ -431,12 +431,17 @@ def evaluate_policy(cfg: JobConfig) -> float:
     check_world(cfg, world)
     seed_everything(cfg.train.seed)
     groups, pg = init_groups(cfg, world, vllm=cfg.rollout.backend == "vllm")
-    policy, arch = build_model(cfg, cfg.model.path, pg, frozen=True)
+    if pg is not None:
+        policy, arch = build_model(cfg, cfg.model.path, pg, frozen=True)
+    else:  # a rollout-only rank of the split layout: vLLM loads the weights itself
+        from megatron_rlvr.models.llama import LlamaArch
+
+        policy, arch = None, LlamaArch.from_pretrained(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     template = None if cfg.data.chat_template == "tokenizer" else cfg.data.chat_template
     prompts = RLVRPromptDataset.from_files(cfg.data.eval_files, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
                                            chat_template=template, on_malformed=cfg.data.on_malformed)
-    engine = build_rollout(cfg, Models(policy, None), arch, pg, tokenizer, groups)
+    engine = build_rollout(cfg, Models(policy, None) if policy is not None else None, arch, pg, tokenizer, groups)
     pool = RewardPool(cfg.reward.workers, cfg.reward.timeout_s) if rank == 0 else None
     try:
         return evaluate(engine, prompts, cfg, tokenizer, pool, rank, seed=cfg.train.seed)
