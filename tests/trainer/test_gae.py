@@ -339,13 +339,13 @@ def _values_with_and_without_sequence_parallel(rank, world, args):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: models.llama.ValueHead ignores sequence parallelism: under parallel.sequence_parallel=true (the 8B/70B "
-    "Tülu configs) its input is this TP rank's sequence shard [s/TP, b, h], so each rank returns values for its own "
-    "shard only and per_token pads the rest with zeros. Fix: in ValueHead.forward, when config.sequence_parallel, "
-    "first gather the shards with megatron.core.tensor_parallel.gather_from_sequence_parallel_region(hidden, "
-    "tensor_parallel_output_grad=False, group=tp_group) (every TP rank computes the same full-sequence loss, so the "
-    "backward must split, not reduce-scatter, the gradient)"))
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "BUG: trainer.build_model swaps in ValueHead(arch.hidden_size, config.params_dtype) without sequence_parallel / "
+    "tp_group, so under parallel.sequence_parallel=true (the 8B/70B Tülu configs) the head sees only this TP rank's "
+    "sequence shard [s/TP, b, h]: each rank returns values for its own shard and per_token pads the rest with "
+    "zeros. models.llama.ValueHead gathers the shards when built with sequence_parallel=True. Fix: build the value "
+    "model with build_llama(..., value_head=True) (which passes sequence_parallel and pg.tp), or pass "
+    "sequence_parallel=config.sequence_parallel, tp_group=pg.tp where build_model creates the head"))
 def test_values_do_not_depend_on_sequence_parallelism(tmp_path):
     args = ppo_args(tiny_job(tmp_path), tmp_path / "out", **{"parallel.tensor_parallel": 2})
     for rank in run_workers(_values_with_and_without_sequence_parallel, 2, args, timeout=240, env=worker_env()):
@@ -367,11 +367,11 @@ def _values_from_reward_model(rank, world, args, tokens):
     return trainer.per_token(model, batch, pg, cfg, 1, value_model=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "BUG: model.value_path cannot be a reward model. Tülu 3's value model starts from allenai/Llama-3.1-Tulu-3-8B-RM, "
     "a LlamaForSequenceClassification (trunk + `score.weight` [1, h], no lm_head); open-instruct's PPO loads it with "
     "AutoModelForSequenceClassification, score head included. Here LlamaArch.from_pretrained rejects the "
-    "architecture (config validation and trainer.build_model), load_hf_into_model would look for lm_head.weight, and "
+    "architecture (config validation, trainer.build_model, models.value.build_value_model), load_hf_into_model would look for lm_head.weight, and "
     "the head starts at zero. Fix: accept LlamaForSequenceClassification in LlamaArch, skip the LM head when "
     "build_model(value_head=True) loads weights, and initialise ValueHead.weight from score.weight when present"))
 def test_value_model_starts_from_a_reward_model(tmp_path):
@@ -391,11 +391,16 @@ def test_value_model_starts_from_a_reward_model(tmp_path):
         expected = reward_model.score(reward_model.model(tokens).last_hidden_state)[0, :-1, 0]
 
     args = ppo_args(job, tmp_path / "out", **{"model.value_path": str(tmp_path / "rm")})
-    [values] = run_workers(_values_from_reward_model, 1, args, tokens, timeout=240, env=worker_env())
+    try:
+        [values] = run_workers(_values_from_reward_model, 1, args, tokens, timeout=240, env=worker_env())
+    except RuntimeError as err:
+        # today's failure (see the reason) is an assertion here; any other error is a new failure, not this bug
+        assert "'LlamaForSequenceClassification' is not supported" not in str(err), "the reward model is rejected"
+        raise
     torch.testing.assert_close(values[0].double(), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "BUG: train.value_optimizer.warmup_steps is ignored: trainer.train calls set_lr for the policy optimizer only, "
     "so the value model trains at its full lr from the first step (open-instruct warms both up the same way; the "
     "70B Tülu config sets a warm-up). Fix: in step 5 of trainer.train also call set_lr(models.value_optimizer, "
