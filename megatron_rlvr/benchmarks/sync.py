@@ -14,7 +14,8 @@ then times, median of --repeats, in the same process groups:
 - sync: `VllmEngine.sync_weights` end to end (transport + vLLM's layer-wise reload), the probe check excluded
   (timed separately as verify).
 
-GB/s = sync bytes (per receiving rank) / seconds. Peak memory: the largest rise of resident memory (CPU) or
+GB/s = sync bytes (per receiving rank: with per-slice routing, the shards its vLLM slice overlaps and the whole
+vocab tables) / seconds; the model's own size (fp32) is printed beside them. Peak memory: the largest rise of resident memory (CPU) or
 of allocated device memory (GPU) on any rank during a sync, beyond what was resident before it.
 """
 
@@ -190,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     rate = {k: nbytes / times[k] / 1e9 if nbytes and times[k] else None for k in ("raw", "transport", "load", "sync")}
     report = {
         "layout": args.layout, "world": args.world, "train_tp": args.train_tp, "rollout_tp": args.rollout_tp,
-        "params": results[0]["params"], "sync_bytes": nbytes, "bucket_mb": args.bucket_mb,
+        "params": results[0]["params"], "model_bytes": 4 * results[0]["params"], "sync_bytes": nbytes,
+        "bucket_mb": args.bucket_mb,
         "seconds": times, "GB/s": rate,
         "transport_over_raw": rate["transport"] / rate["raw"] if rate["raw"] and rate["transport"] else None,
         "sync_over_raw": rate["sync"] / rate["raw"] if rate["raw"] and rate["sync"] else None,
@@ -200,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"sync {args.layout} world={args.world} train_tp={args.train_tp} rollout_tp={args.rollout_tp}: "
-          f"{report['params'] / 1e6:.0f}M params, {nbytes / 1e6:.1f} MB per receiving rank, "
+          f"{report['params'] / 1e6:.0f}M params ({report['model_bytes'] / 1e6:.1f} MB in fp32), "
+          f"{nbytes / 1e6:.1f} MB per receiving rank, "
           f"buckets {args.bucket_mb:g} MiB, median of {args.repeats} ({report['device']})")
     print(f"{'':<10} {'seconds':>9} {'GB/s':>8} {'x raw':>7}")
     for key in ("raw", "transport", "load", "sync", "verify"):

@@ -9,17 +9,17 @@ stage) and hand them to the consumer (vLLM's layer-wise reload) before the next-
   rollout ranks whose vLLM TP slice overlaps its shard, then the vocab tables over its full group, {sender} +
   every rollout rank. A rollout rank receives only the shards its slice needs and gets full-shape HF tensors in
   which only its slice's regions are valid. Bucket k+1 is packed (sender) or already in flight (receiver) while
-  bucket k is on the wire or being loaded: `depth` buffers per sender at most.
+  bucket k is on the wire or being loaded: `depth` buffers (sender) or unit slots (receiver) at most.
 - colocated layout: every rank holds a replica of the training shards. With training
   TP = 1 the rank already has every full tensor and they are handed over as views (no copy, no collective);
   with TP > 1 the shards of one bucket are all-gathered over the training TP group, again one bucket ahead.
 
 Every rank's role follows from the layout, so `WeightStream.run(model)` is called on all ranks alike.
 
-Buffers are persistent and reused (`depth` per sender, one assembly buffer): a tensor handed to the consumer
-stays valid until the consumer has taken the next bucket, then its memory is overwritten. A consumer that keeps
-a tensor longer must copy it (`rollout.vllm_engine` does for the vocab tables, whose padded shards vLLM
-processes last).
+Buffers are persistent and reused (`depth` send buffers or receive slots, one assembly buffer): a tensor
+handed to the consumer stays valid until the consumer has taken the next bucket, then its memory is
+overwritten. A consumer that keeps a tensor longer must copy it (`rollout.vllm_engine` does for the vocab
+tables, whose padded shards vLLM processes last).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class WeightStream:
         self.bucket_bytes = max(1, int(bucket_mb * 2**20))
         self.device = current_platform().device()
         self.depth = max(2, depth)
-        """buffers per sender (and per sender on each receiver): up to depth - 1 buckets ahead in flight"""
+        """send buffers per sender, receive slots per receiver: up to depth - 1 buckets ahead in flight"""
         self._metas: dict[int, list[TensorMeta]] | None = None  # split layout: sender rank -> its tensors
         self._pool: dict = {}
         self.last_bytes = 0
@@ -171,11 +171,13 @@ class WeightStream:
                 units.append((r, bucket, mine))
         self.last_bytes = sum(bucket.nbytes * len(mine) for _, bucket, mine in units)
 
-        # `depth` receive buffers per sender: units k+1 .. k+depth-1 land while unit k's tensors are consumed
+        # `depth` receive slots, each holding one unit (its bucket from every sender of the unit): units
+        # k+1 .. k+depth-1 land while unit k's tensors are consumed. Slots rather than buffers per sender: the
+        # units of different pipeline stages come from different senders but are never in flight together
+        # beyond `depth`, so memory is depth x the largest unit whatever the number of senders.
         depth = self.depth
         dtype = units[0][1].dtype
-        largest = {src: max((b.numel for _, b, mine in units if src in mine.values()), default=0) for src in plans}
-        buffers = {src: self._buffers(("recv", src), depth, n, dtype) for src, n in largest.items() if n}
+        slots = self._buffers("recv", depth, max(b.numel * len(mine) for _, b, mine in units), dtype)
         # one assembly buffer: a unit's full-shape tensors live until the consumer takes the next unit
         assembly = self._buffers("assemble", 1, max(
             sum(assembled_numel(e.name, e.numel, t.tp) for e in b.entries) for _, b, _ in units), dtype)[0]
@@ -183,8 +185,8 @@ class WeightStream:
         def post(k):
             r, bucket, mine = units[k]
             posted = {}
-            for i, src in mine.items():
-                flat = buffers[src][k % depth][: bucket.numel]
+            for n, (i, src) in enumerate(mine.items()):
+                flat = slots[k % depth][n * bucket.numel : (n + 1) * bucket.numel]
                 work = dist.broadcast(flat, src=src, group=self.groups.sync_groups[src].group(r), async_op=True)
                 posted[i] = (flat, work)
             return bucket, posted
