@@ -76,7 +76,8 @@ def _show(groups: list[list[int]], limit: int = 4) -> str:
 def dry_run_report(cfg, world_size: int | None = None) -> str:
     """Validate `cfg` for `world_size` ranks (default: parallel.world_size, WORLD_SIZE, or the smallest world the
     layout fits) and describe layout, process groups and the planner's per-GPU memory estimate."""
-    from megatron_rlvr.config import check_world, training_world
+    from megatron_rlvr.config import check_world, policy_stage_layers, training_world, value_parallel_sizes
+    from megatron_rlvr.models.stages import PipelineSplit
     from megatron_rlvr.planner import CLUSTER_PRESETS, ClusterSpec, Layout, load_model, make_plan
     from megatron_rlvr.planner.plan import GIB
 
@@ -88,9 +89,19 @@ def dry_run_report(cfg, world_size: int | None = None) -> str:
     dp = check_world(cfg, world)
     train_ranks = training_world(cfg, world)
     offset = world - train_ranks
+    local = bool(cfg.model.path) and os.path.isfile(os.path.join(cfg.model.path, "config.json"))
+    spec = load_model(cfg.model.path if local else cfg.model.shape) if (local or cfg.model.shape) else None
+    first, last = policy_stage_layers(par)
+    stages = ""
+    if (first or last) and spec is not None:
+        stages = f" (layers per stage {PipelineSplit(spec.layers, par.pipeline_parallel, first, last).describe()})"
+    gae = cfg.algorithm.advantage_estimator == "gae"
+    vtp, vpp = value_parallel_sizes(par)
+    value_own = gae and (vtp, vpp) != (par.tensor_parallel, par.pipeline_parallel)
+    value_dp = train_ranks // (vtp * vpp)
     out = [f"config valid for a world of {world} ranks",
            f"layout {par.layout}: training ranks {offset}..{world - 1} as TP {par.tensor_parallel} x "
-           f"PP {par.pipeline_parallel} x DP {dp}" + (" (sequence parallel)" if par.sequence_parallel else ""),
+           f"PP {par.pipeline_parallel} x DP {dp}{stages}" + (" (sequence parallel)" if par.sequence_parallel else ""),
            f"rollout: backend {cfg.rollout.backend}, "
            + (f"ranks 0..{offset - 1} as {offset // par.rollout_tensor_parallel} engine(s)" if split
               else f"every rank, {world // par.rollout_tensor_parallel} engine(s)")
@@ -103,8 +114,12 @@ def dry_run_report(cfg, world_size: int | None = None) -> str:
         out.append(f"  rollout    {_show([list(range(s, s + par.rollout_tensor_parallel)) for s in range(0, offset, par.rollout_tensor_parallel)])}")
     for name, groups in _groups(par.tensor_parallel, par.pipeline_parallel, dp, offset).items():
         out.append(f"  {name:<10} {_show(groups)}")
-    local = bool(cfg.model.path) and os.path.isfile(os.path.join(cfg.model.path, "config.json"))
-    spec = load_model(cfg.model.path if local else cfg.model.shape) if (local or cfg.model.shape) else None
+    if gae:
+        out += ["", f"value model: TP {vtp} x PP {vpp} x DP {value_dp} over the same training ranks, "
+                + ("groups of its own (global ranks):" if value_own else "on the policy's groups")]
+        if value_own:
+            for name, groups in _groups(vtp, vpp, value_dp, offset).items():
+                out.append(f"  {name:<10} {_show(groups)}")
     if spec is not None:
         value = ""
         if cfg.algorithm.advantage_estimator == "gae":
@@ -113,6 +128,8 @@ def dry_run_report(cfg, world_size: int | None = None) -> str:
                 cfg.model.path if local else cfg.model.shape))
         layout = Layout(
             placement=par.layout, train_gpus=train_ranks, tp=par.tensor_parallel, pp=par.pipeline_parallel, dp=dp,
+            pp_first_layers=par.pipeline_first_stage_layers, pp_last_layers=par.pipeline_last_stage_layers,
+            value_tp=par.value_tensor_parallel, value_pp=par.value_pipeline_parallel,
             rollout_tp=par.rollout_tensor_parallel, rollout_gpus=offset if split else world,
             rollout_eager=cfg.rollout.enforce_eager, rollout_memory_fraction=cfg.rollout.gpu_memory_utilization,
             value_model=value, kl_beta=cfg.algorithm.kl_coef, prompts_per_step=cfg.train.prompts_per_step,
@@ -127,6 +144,10 @@ def dry_run_report(cfg, world_size: int | None = None) -> str:
             out.append(f"  training ({plan.train_memory.stage}): "
                        + ", ".join(f"{k} {v / GIB:.1f}" for k, v in plan.train_memory.items())
                        + f"; total {plan.train_memory.total / GIB:.1f} GiB")
+            if plan.value is not None:
+                out.append(f"  value model ({plan.value.name}, {plan.value.params / 1e9:.2f} B parameters, TP {vtp} x "
+                           f"PP {vpp} x DP {value_dp}): weights, gradients and optimizer "
+                           f"{plan.train_memory.value_model / GIB:.1f} GiB of that GPU's total")
         if plan.rollout_memory is not None:
             out.append(f"  rollout: " + ", ".join(f"{k} {v / GIB:.1f}" for k, v in plan.rollout_memory.items())
                        + f"; total {plan.rollout_memory.total / GIB:.1f} GiB")

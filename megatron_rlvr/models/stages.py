@@ -89,8 +89,17 @@ class PipelineSplit:
         return range(start, start + counts[pp_rank])
 
     def describe(self) -> str:
+        """`11 | 13 x 8 | 11` (uneven) or `16 per stage` (even)."""
         counts = self.counts()
-        return " | ".join(map(str, counts)) if self.uneven else f"{counts[0]} per stage"
+        if not self.uneven:
+            return f"{counts[0]} per stage"
+        runs: list[list[int]] = []
+        for count in counts:
+            if runs and runs[-1][0] == count:
+                runs[-1][1] += 1
+            else:
+                runs.append([count, 1])
+        return " | ".join(str(c) if n == 1 else f"{c} x {n}" for c, n in runs)
 
     @classmethod
     def from_config(cls, config) -> "PipelineSplit":
