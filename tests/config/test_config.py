@@ -90,6 +90,42 @@ def test_world_size_must_fit_layout(job):
     assert "train.prompts_per_step=3 must be a multiple of data-parallel size 2" in msg
 
 
+def test_uneven_pipeline_split_is_checked(job):
+    validate(config_from_dict(job, ["parallel.pipeline_parallel=2", "parallel.pipeline_first_stage_layers=1"]), 2)
+    msg = error(job, ["parallel.pipeline_parallel=2", "parallel.pipeline_first_stage_layers=2"], world_size=2)
+    assert "parallel.pipeline_parallel=2 with parallel.pipeline_first_stage_layers=2" in msg
+    assert "leaves 0 layer(s) for 1 other stage(s)" in msg and "any first + last = 2 fits" in msg
+    msg = error(job, ["parallel.pipeline_first_stage_layers=1"])
+    assert "need pipeline parallel size > 1" in msg
+    assert "must be >= 0" in error(job, ["parallel.pipeline_last_stage_layers=-1"])
+
+
+def test_value_model_groups_are_checked(job):
+    gae = ["algorithm.advantage_estimator=gae", "parallel.pipeline_parallel=2"]
+    validate(config_from_dict(job, gae + ["parallel.value_tensor_parallel=2", "parallel.value_pipeline_parallel=1"]), 2)
+    msg = error(job, gae + ["parallel.value_pipeline_parallel=3"], world_size=6)
+    assert "parallel.value_pipeline_parallel=3 does not divide num_hidden_layers=2 of the value model" in msg
+    assert "set parallel.value_pipeline_parallel to one of [1, 2]" in msg
+    msg = error(job, gae + ["parallel.value_tensor_parallel=3"], world_size=6)
+    assert "parallel.value_tensor_parallel=3 does not divide num_attention_heads=4" in msg
+    msg = error(job, gae + ["parallel.value_tensor_parallel=2", "parallel.value_pipeline_parallel=2"], world_size=2)
+    assert "training ranks 2 must be a multiple of parallel.value_tensor_parallel x " \
+           "parallel.value_pipeline_parallel = 2 x 2" in msg
+    msg = error(job, gae + ["parallel.value_pipeline_parallel=1", "train.prompts_per_step=2"], world_size=4)
+    assert "multiple of the value model's data-parallel size 4" in msg
+
+
+def test_405b_example_fits_with_its_value_model(capsys):
+    from megatron_rlvr.cli import main
+
+    assert main(["train", "--config", os.path.join(EXAMPLES, "llama-405b-tulu3.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "planner problem" not in out
+    assert "value model: TP 8 x PP 2 x DP 15 over the same training ranks, groups of its own" in out
+    assert "pipeline   120 x 2 ranks: [16, 136]" in out  # the value model's pipeline groups
+    assert "value model (Llama-3.1-8B, 8.03 B parameters, TP 8 x PP 2 x DP 15)" in out
+
+
 def test_split_layout_needs_rollout_ranks_and_vllm(job):
     assert "parallel.rollout_ranks >= 1" in error(job, ["parallel.layout=split", "rollout.backend=vllm"], 2)
     assert "set rollout.backend=vllm" in error(job, ["parallel.layout=split", "parallel.rollout_ranks=1"], 2)
@@ -132,7 +168,8 @@ def test_cli_reports_config_error(job, capsys):
 @pytest.mark.parametrize("name,world,expect", [
     ("llama-8b-tulu3.yaml", 8, "training ranks 4..7 as TP 4 x PP 1 x DP 1"),
     ("llama-70b-tulu3.yaml", 40, "training ranks 8..39 as TP 8 x PP 4 x DP 1"),
-    ("llama-405b-tulu3.yaml", 256, "training ranks 16..255 as TP 8 x PP 2 x DP 15"),
+    ("llama-405b-tulu3.yaml", 256, "training ranks 16..255 as TP 8 x PP 10 x DP 3 (layers per stage "
+                                   "11 | 13 x 8 | 11)"),
 ])
 def test_large_configs_dry_run(name, world, expect, capsys):
     from megatron_rlvr.cli import main

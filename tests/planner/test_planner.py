@@ -121,7 +121,8 @@ def test_rollout_kv_cache_hand_computed():
         ("8B", dict(train_gpus=16, rollout_gpus=8, tp=2, rollout_tp=3),
          "rollout TP 3 must divide the 32 attention heads", "rollout TP in [1, 2, 4, 8, 16, 32]"),
         ("405B", dict(train_gpus=240, rollout_gpus=16, tp=8, pp=5, rollout_tp=16),
-         "PP 5 does not divide the 126 layers", "(nearest: [6, 7])"),
+         "PP 5 does not divide the 126 layers", "(nearest: [6, 7]), or give the first/last stage their own layer "
+         "counts, --pp-first-layers / --pp-last-layers (at pp=5, first = last in [3, 6, 9, 12, 15, 18, 21, 24] fit)"),
         ("8B", dict(train_gpus=16, rollout_gpus=8, tp=2, pp=2, dp=3, rollout_tp=2),
          "world size: TP 2 x PP 2 x DP 3 = 12 but 16 training GPUs", "use DP 4"),
         ("8B", dict(train_gpus=24, rollout_gpus=8, tp=2, rollout_tp=2),
@@ -129,8 +130,16 @@ def test_rollout_kv_cache_hand_computed():
         ("8B", dict(train_gpus=8, rollout_gpus=8, tp=2, micro_batch_size=8, recompute="none", response_len=2048,
                     prompt_len=512), "training does not fit", "enable full activation recompute (--recompute full)"),
         ("405B", dict(train_gpus=240, rollout_gpus=16, tp=8, pp=6, rollout_tp=16, packing=True, value_model="8B",
-                      response_len=1024, prompt_len=200, max_prompt_len=400, prompts_per_step=1856),
-         "training does not fit", "raise PP to 9 (--pp 9 on 216 training GPUs, DP 3)"),
+                      value_pp=2, response_len=1024, prompt_len=200, max_prompt_len=400, prompts_per_step=1856),
+         "training does not fit", "raise PP to 10 with 11 | 13 x 8 | 11 layers per stage (--pp 10 "
+         "--pp-first-layers 11 --pp-last-layers 11, DP 3)"),
+        ("405B", dict(train_gpus=240, rollout_gpus=16, tp=8, pp=6, rollout_tp=16, value_model="8B"),
+         "value PP 6 does not divide the 32 layers of the value model", "set --value-pp (unset: the policy's --pp) "
+         "to one of [1, 2, 4, 8, 16, 32]"),
+        ("405B", dict(train_gpus=240, rollout_gpus=16, tp=8, pp=2, rollout_tp=16, value_model="8B", value_pp=4),
+         "value TP 8 x PP 4 = 32 does not divide the 240 training GPUs", "--value-tp"),
+        ("405B", dict(train_gpus=240, rollout_gpus=16, tp=8, pp=10, pp_first_layers=5, pp_last_layers=5,
+                      rollout_tp=16), "leaves 116 layer(s) for 8 other stage(s)", "--pp-first-layers"),
         ("70B", dict(train_gpus=8, rollout_gpus=8, tp=8, rollout_tp=1, grad_dtype="bf16", response_len=1024),
          "rollout does not fit", "raise rollout TP to 2 (--rollout-tp 2)"),
     ],
@@ -155,3 +164,34 @@ def test_cli_json_and_exit_codes(capsys):
                  "--tp", "3"]) == 1
     out = capsys.readouterr().out
     assert "BAD PLAN" in out and "fix: use train TP in [1, 2, 4, 8]" in out
+
+
+def test_uneven_split_and_value_groups_memory_hand_computed():
+    """Per-stage memory follows the split (1F1B: stage s keeps min(pp - s, micro-batches) in flight), and a value
+    model on its own grid adds the states of the value stage that shares each GPU."""
+    value = ModelSpec("v", hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, vocab=100)
+    layout = _tiny_layout(train_gpus=6, tp=1, pp=3, dp=2, pp_first_layers=1, pp_last_layers=1, kl_beta=0.0,
+                          value_model="", prompts_per_step=12)
+    layer, emb = 36992, 6400
+    model = dataclasses.replace(TINY, layers=5)  # 1 | 3 | 1
+    plan = make_plan(model, ClusterSpec(gpus=16, **H100), layout)
+    assert plan.ok, plan.problems
+    memory = plan.train_memory
+    # 6 sequences per DP rank = 6 micro-batches; stage 1 holds 3 layers with min(3 - 1, 6) = 2 in flight,
+    # stage 0 one layer + embedding with 3 in flight: stage 1 is the worst
+    assert memory.stage == "stage 1"
+    assert memory.weights == 2 * 3 * layer and memory.optimizer == 12 * 3 * layer / 2
+    assert memory.activations == 32 * 1664 * 3 * 2
+
+    from megatron_rlvr.planner.memory import train_memory
+    from megatron_rlvr.planner.timing import micro_batches_per_rank
+
+    # value model TP 1 x PP 2 x DP 3 over the same 6 GPUs: GPUs 0-2 hold value stage 0 (1 layer + embedding),
+    # GPUs 3-5 stage 1 (1 layer, final norm, scalar head); policy stage 1 sits on GPUs 2-3, so both pairs occur
+    with_value = dataclasses.replace(plan.layout, value_pp=2)
+    got = train_memory(model, with_value, Efficiency(), value, micro_batches_per_rank(with_value, Efficiency()))
+    # bf16 weights + fp32 gradients over TP 1, fp32 master + Adam over TP 1 x value DP 3
+    value_first = 2 * (layer + emb) + 4 * (layer + emb) + 12 * (layer + emb) / 3
+    assert got.value_model == value_first
+    assert got.stage == "stage 1, value model stage 0"
+    assert got.total == memory.total + value_first
