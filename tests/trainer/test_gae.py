@@ -8,7 +8,8 @@ the mini-batch the trainer fed the value update, and the value model before and 
 - the wiring: the mask covers response token j of a row with a P-token prompt at log-prob-frame position P - 1 + j,
   the value there is V(prompt + response[:j]) from a plain forward of the row alone, and returns and advantages
   equal a float64 GAE over the verifier reward and the k1 KL penalty;
-- a checkpoint restores the value weights and the value optimizer's state exactly.
+- a checkpoint restores the value weights and the value optimizer's state exactly; the value lr warms up like the
+  policy's.
 
 Strict xfails document value-path bugs, each with its fix in the reason (they start failing once fixed).
 """
@@ -60,7 +61,7 @@ def _trunk_weight(model) -> torch.Tensor:
 def _record_training(rank, world, args):
     """Train with `update_value` (and the sampler) wrapped; returns the samples of each step and, per value update,
     its mini-batch, the value model's plain predictions before and after it, its stats and lr."""
-    import megatron_rlvr.trainer as trainer
+    from megatron_rlvr import trainer
     from megatron_rlvr.checkpoint import _optimizers
     from megatron_rlvr.config import config_from_dict
     from megatron_rlvr.models.weights import unwrap
@@ -314,11 +315,23 @@ def test_resume_restores_value_weights_and_optimizer(tmp_path):
         assert same_leaves(after["optimizer"], saved["optimizer"]) == [], f"rank {rank}: value optimizer not restored"
 
 
+def test_value_optimizer_warms_up_like_the_policy(tmp_path):
+    """train.value_optimizer.warmup_steps ramps the value lr exactly as the policy's warm-up ramps its lr."""
+    warmup, lr = 4, 1e-3
+    args = ppo_args(tiny_job(tmp_path), tmp_path / "out", **{
+        "train.steps": 2, "train.optimizer.lr": lr, "train.optimizer.warmup_steps": warmup,
+        "train.value_optimizer.lr": lr, "train.value_optimizer.warmup_steps": warmup})
+    [rank] = run_workers(_record_training, 1, args, timeout=240, env=worker_env())
+    for step, call in enumerate(rank["calls"], start=1):
+        assert call["policy_lr"] == pytest.approx(lr * step / warmup)  # the convention the value lr should follow
+        assert call["value_lr"] == pytest.approx(lr * step / warmup), f"step {step}: value lr {call['value_lr']}"
+
+
 # ------------------------------------------------------------------------------------------------ known bugs
 
 
 def _values_with_and_without_sequence_parallel(rank, world, args):
-    import megatron_rlvr.trainer as trainer
+    from megatron_rlvr import trainer
     from megatron_rlvr.config import config_from_dict
     from megatron_rlvr.parallel.state import init_distributed
 
@@ -354,7 +367,7 @@ def test_values_do_not_depend_on_sequence_parallelism(tmp_path):
 
 
 def _values_from_reward_model(rank, world, args, tokens):
-    import megatron_rlvr.trainer as trainer
+    from megatron_rlvr import trainer
     from megatron_rlvr.config import config_from_dict
     from megatron_rlvr.parallel.state import init_distributed
 
@@ -398,20 +411,3 @@ def test_value_model_starts_from_a_reward_model(tmp_path):
         assert "'LlamaForSequenceClassification' is not supported" not in str(err), "the reward model is rejected"
         raise
     torch.testing.assert_close(values[0].double(), expected, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: train.value_optimizer.warmup_steps is ignored: trainer.train calls set_lr for the policy optimizer only, "
-    "so the value model trains at its full lr from the first step (open-instruct warms both up the same way; the "
-    "70B Tülu config sets a warm-up). Fix: in step 5 of trainer.train also call set_lr(models.value_optimizer, "
-    "cfg.train.value_optimizer.lr, cfg.train.value_optimizer.warmup_steps, <the same optimizer-step index>) "
-    "when models.value is not None"))
-def test_value_optimizer_warms_up_like_the_policy(tmp_path):
-    warmup, lr = 4, 1e-3
-    args = ppo_args(tiny_job(tmp_path), tmp_path / "out", **{
-        "train.steps": 2, "train.optimizer.lr": lr, "train.optimizer.warmup_steps": warmup,
-        "train.value_optimizer.lr": lr, "train.value_optimizer.warmup_steps": warmup})
-    [rank] = run_workers(_record_training, 1, args, timeout=240, env=worker_env())
-    for step, call in enumerate(rank["calls"], start=1):
-        assert call["policy_lr"] == pytest.approx(lr * step / warmup)  # the convention the value lr should follow
-        assert call["value_lr"] == pytest.approx(lr * step / warmup), f"step {step}: value lr {call['value_lr']}"
