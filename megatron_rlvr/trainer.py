@@ -690,8 +690,11 @@ def train_step(models: Models, arch, pg, cfg: JobConfig, samples, rewards: list[
     logprob_s = time.perf_counter() - t
 
     # 5. mini-batch updates over whole prompt groups
-    lr = set_lr(models.optimizer, cfg.train.optimizer.lr, cfg.train.optimizer.warmup_steps,
-                (step - 1) * algo.ppo_epochs * algo.mini_batches + 1)
+    first_update = (step - 1) * algo.ppo_epochs * algo.mini_batches + 1
+    lr = set_lr(models.optimizer, cfg.train.optimizer.lr, cfg.train.optimizer.warmup_steps, first_update)
+    if models.value is not None:
+        set_lr(models.value_optimizer, cfg.train.value_optimizer.lr, cfg.train.value_optimizer.warmup_steps,
+               first_update)
     group_of_row = torch.tensor(batch.group_ids)
     update_stats = []
     for epoch in range(algo.ppo_epochs):
