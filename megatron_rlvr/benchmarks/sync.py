@@ -16,8 +16,9 @@ then times, median of --repeats, in the same process groups:
 - generate: 4 prompts x 2 samples x 32 tokens, to show what `--cpu-plain-weights` costs vLLM's generation.
 
 GB/s = sync bytes (per receiving rank: with per-slice routing, the shards its vLLM slice overlaps and the whole
-vocab tables) / seconds; the model's own size (fp32) is printed beside them. Peak memory: the largest rise of resident memory (CPU) or
-of allocated device memory (GPU) on any rank during a sync, beyond what was resident before it.
+vocab tables) / seconds; the model's own size (fp32) is printed beside them. Peak memory: the largest rise of
+resident memory (CPU) or of allocated device memory (GPU) on any rank during a sync, beyond what was resident
+before it.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ Two layouts, both one torchrun world:
 `init_layout(layout)` creates all groups, in one fixed order, on every rank (torch's `new_group` is collective
 over the world): megatron's groups (`parallel.state`), the vLLM engine groups, and the weight-sync broadcast
 groups (`init_sync_groups`: per sender, the rollout ranks whose vLLM TP slice overlaps its TP shard, and all
-rollout ranks for what every engine rank needs whole). vLLM itself is built afterwards (`rollout.vllm_engine`), inside `group_as_world(...)`: vLLM's
-`external_launcher` treats the default process group as its whole world, so while it runs the default group
-is swapped for the engine's group. That swap uses a private torch function and lives here only.
+rollout ranks for what every engine rank needs whole). vLLM itself is built afterwards (`rollout.vllm_engine`),
+inside `group_as_world(...)`: vLLM's `external_launcher` treats the default process group as its whole world,
+so while it runs the default group is swapped for the engine's group. That swap uses a private torch function
+and lives here only.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from megatron_rlvr.models.llama import LlamaArch
 from megatron_rlvr.models.weights import TIED_OUTPUT, unwrap
 from megatron_rlvr.parallel.layout import LayoutGroups
 from megatron_rlvr.platform import current_platform
-from megatron_rlvr.sync.buckets import DTYPES, Bucket, TensorMeta, pack, plan_buckets, unpack
+from megatron_rlvr.sync.buckets import Bucket, TensorMeta, pack, plan_buckets, unpack
 from megatron_rlvr.sync.slices import ROUTES, assemble, assembled_numel, route
 
 HFTensors = Iterator[tuple[str, torch.Tensor]]

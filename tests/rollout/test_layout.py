@@ -91,7 +91,7 @@ def test_sync_groups_route_slices():
     """Split world 4 (vLLM TP 2 on ranks 0-1, training TP 2 on ranks 2-3): sender 2's slice group holds vLLM
     rank 0 only, sender 3's rank 1 only; both full groups hold both; groups rendezvous on every rank."""
     results = run_workers(_sync_groups_worker, 4)
-    (m0, r0), (m1, r1), (m2, r2), (m3, r3) = results
+    (m0, r0), (m1, r1), (m2, _), (m3, _) = results
     assert m0 == {2: ([0, 2], [0, 1, 2]), 3: (None, [0, 1, 3])}
     assert m1 == {2: (None, [0, 1, 2]), 3: ([1, 3], [0, 1, 3])}
     assert m2 == {2: ([0, 2], [0, 1, 2])} and m3 == {3: ([1, 3], [0, 1, 3])}

@@ -83,7 +83,7 @@ def _vllm_load(hf, arch, rank, size) -> dict[str, torch.Tensor]:
 
     h, d, p = arch.hidden_size, arch.head_dim, "model.layers.0."
     with _vllm_tp_rank(rank, size):
-        kw = dict(bias=False, params_dtype=torch.float64)
+        kw = {"bias": False, "params_dtype": torch.float64}
         qkv = linear.QKVParallelLinear(h, d, arch.num_heads, arch.num_kv_heads, **kw)
         gate_up = linear.MergedColumnParallelLinear(h, [arch.ffn_hidden_size] * 2, **kw)
         o_proj = linear.RowParallelLinear(arch.num_heads * d, h, **kw)
