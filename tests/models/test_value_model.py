@@ -1,12 +1,13 @@
 """The PPO value model on tensor/pipeline groups of its own, beside a policy on megatron's global groups.
 
 Real gloo processes. (1) Values of a value model at TP 2 next to a TP 1 x DP 2 policy equal the float64 HF
-trunk's final hidden states times the head (rtol 1e-5). (2) Training checkpoints of such a value model
+trunk's final hidden states times the head (rtol 1e-5), with and without sequence parallelism. (2) Training checkpoints of such a value model
 (weights and the distributed optimizer's Adam state, written by `checkpoint.Checkpointer`) round-trip: a run
 resumed from the checkpoint takes the same next step as the run that wrote it (bit-exact), and the saved weights
 read back at another TP/PP equal the writer's. (3) `gather_rows` reassembles rows spread over DP ranks.
 """
 
+import pytest
 import torch
 
 from megatron_rlvr.config import config_from_dict
@@ -65,13 +66,14 @@ def _values_worker(rank, world, model_dir, output_dir, tokens, lengths, parallel
     return _values(value, pg, tokens, lengths)
 
 
-def test_values_on_own_groups_match_hf(tmp_path):
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sequence-parallel"])
+def test_values_on_own_groups_match_hf(tmp_path, sequence_parallel):
     from transformers import LlamaForCausalLM
 
     model_dir = tiny_model_dir(tmp_path, "tiny", num_hidden_layers=4)
     tokens, lengths = random_batch(model_dir, batch=4, max_len=10, seed=3)
     parallel = {"tensor_parallel": 1, "value_tensor_parallel": 2, "value_pipeline_parallel": 1,
-                "sequence_parallel": False}
+                "sequence_parallel": sequence_parallel}
     got = run_workers(_values_worker, 2, model_dir, tmp_path / "out", tokens, lengths, parallel, env=worker_env())
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     with torch.no_grad():
@@ -186,3 +188,24 @@ def test_value_checkpoint_round_trip_with_own_tp(tmp_path):
     assert set(merged) == set(expected)
     for name, tensor in expected.items():
         assert torch.equal(merged[name], tensor), f"{name} read back at TP 1 x PP 2 differs from the TP 2 save"
+
+
+def _gather_worker(rank, world, rows, width, total):
+    import torch.distributed as dist
+
+    from megatron_rlvr.models.value import gather_rows
+
+    index = list(range(rank, total, world))  # rank r holds rows r, r + world, ...
+    local = torch.stack([torch.arange(width - rank, dtype=torch.float32) + 100 * i for i in index])
+    return gather_rows(local, index, total, dist.group.WORLD)
+
+
+def test_gather_rows_reassembles_rows_of_unequal_width():
+    total, width = 6, 5
+    results = run_workers(_gather_worker, 2, None, width, total)
+    expected = torch.zeros(total, width)
+    for row in range(total):
+        rank = row % 2
+        expected[row, : width - rank] = torch.arange(width - rank, dtype=torch.float32) + 100 * row
+    for got in results:
+        assert torch.equal(got, expected)
