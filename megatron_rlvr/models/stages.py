@@ -102,7 +102,7 @@ class PipelineSplit:
         return " | ".join(str(c) if n == 1 else f"{c} x {n}" for c, n in runs)
 
     @classmethod
-    def from_config(cls, config) -> "PipelineSplit":
+    def from_config(cls, config) -> PipelineSplit:
         """The split of a megatron-core TransformerConfig."""
         return cls(config.num_layers, config.pipeline_model_parallel_size,
                    config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage)

@@ -13,7 +13,7 @@ policy ranks for the advantages; returns back to the value ranks for their updat
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist

@@ -15,8 +15,8 @@ def test_split_matches_megatron(layers, pp, first, last):
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from megatron_rlvr.models.tiny import tiny_llama_config
     from megatron_rlvr.models.llama import LlamaArch, transformer_config
+    from megatron_rlvr.models.tiny import tiny_llama_config
 
     split = PipelineSplit(layers, pp, first, last)
     arch = LlamaArch.from_hf_config(tiny_llama_config("tiny", num_hidden_layers=layers))
