@@ -42,9 +42,12 @@ def value_groups(cfg: JobConfig, policy_pg: ProcessGroupCollection | None) -> Pr
     return init_value_parallel(tp, pp, rank_offset=world - trainers, num_ranks=trainers)
 
 
-def build_value_model(cfg: JobConfig, policy_pg: ProcessGroupCollection | None):
+def build_value_model(cfg: JobConfig, policy_pg: ProcessGroupCollection | None,
+                      value_pg: ProcessGroupCollection | None = None):
     """(value model (DDP-wrapped stage), its optimizer, its ProcessGroupCollection); (None, None, None) on ranks
-    that do not train. Collective over the world (see `value_groups`).
+    that do not train. Without `value_pg` its groups are made here (`value_groups`, collective over the world:
+    call on every rank); where only trainer ranks build models (split layout), make them with `value_groups` on
+    every rank first and pass them in.
 
     The trunk is the HF Llama at `model.value_path` (the policy's weights when empty); the scalar head starts at
     zero. The value model uses an even pipeline split of its own layers."""
@@ -52,7 +55,7 @@ def build_value_model(cfg: JobConfig, policy_pg: ProcessGroupCollection | None):
     from megatron_rlvr.models.weights import load_hf_into_model, read_hf_state
     from megatron_rlvr.parallel.model import make_trainable
 
-    pg = value_groups(cfg, policy_pg)
+    pg = value_pg or value_groups(cfg, policy_pg)
     if pg is None:
         return None, None, None
     path = value_model_path(cfg)
