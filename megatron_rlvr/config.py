@@ -110,6 +110,10 @@ class RolloutConfig:
     """vllm: share of device memory for weights and KV cache (<= 0.5 on CPU)."""
     enforce_eager: bool = False
     """vllm: no CUDA graphs."""
+    cpu_plain_weights: bool = False
+    """vllm on CPU: keep vLLM's linear weights plain (torch's F.linear) instead of oneDNN-packed copies, so a sync
+    writes them in place (colocated, training TP 1 or equal to the rollout TP) or loads them without re-packing
+    (split); see docs/sync.md. No effect on GPUs."""
     one_step_off_policy: bool = False
     """split layout: the rollout ranks generate (and rank 0 scores) step n+1's samples with the weights of step
     n-1 while the trainer ranks train on step n's, so generation and training overlap; the update's importance

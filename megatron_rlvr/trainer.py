@@ -130,6 +130,7 @@ def build_rollout(cfg: JobConfig, models: Models, arch, pg, tokenizer, groups=No
     return build_rollout_engine(cfg.rollout.backend, groups, cfg.model.path, model=policy,
                                 dtype=cfg.model.dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                                 enforce_eager=cfg.rollout.enforce_eager,
+                                cpu_plain_weights=cfg.rollout.cpu_plain_weights,
                                 max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_tokens)
 
 

@@ -154,7 +154,7 @@ def _worker(rank, world, args, model_dir):
 
     def load():  # an in-place sync has no loader, and a reload would swap out the weights it writes into
         if engine.llm is not None and engine.sync_path != "inplace":
-            engine._model_runner().reload_weights(weights_iterator=iter(local.items()))
+            engine.load_hf(iter(local.items()))
 
     times = collections.defaultdict(list)
     peak = 0

@@ -136,7 +136,7 @@ class VllmEngine:
         self._plain_cpu = cpu_plain_weights and current_platform().device_type == "cpu"
         self._inplace: InplaceCopy | None = None
         self.sync_path: str | None = None
-        """"inplace" or "reload", set by the first sync"""
+        """"inplace", "load" or "reload", set by the first sync"""
         if self.layout.is_rollout(groups.rank):
             if current_platform().device_type == "cpu":
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
@@ -251,10 +251,7 @@ class VllmEngine:
         else:
             weights = self.stream.run(model)
             if self.llm is not None:
-                runner = self._model_runner()
-                with _plain_cpu_linear(self._plain_cpu):
-                    runner.reload_weights(weights_iterator=_keep_deferred(weights))
-                    _retie_lm_head(runner.model)
+                self.load_hf(weights)
             nbytes = self.stream.last_bytes
         if self.llm is not None:
             # cached prefixes hold keys/values computed with the old weights
@@ -265,23 +262,36 @@ class VllmEngine:
         self.verify(model)
         return SyncStats(bytes=nbytes, seconds=seconds, verified=True)
 
+    def load_hf(self, weights) -> None:
+        """Load (HF name, full tensor) pairs into this rank's engine (rollout ranks; vLLM takes its slice)."""
+        runner = self._model_runner()
+        if self._plain_cpu:
+            # plain weights need no post-load processing: vLLM's weight loaders copy each tensor (its rank's
+            # slice) into place as it arrives, and a tied LM head is the embedding's own parameter
+            runner.model.load_weights(weights)
+            return
+        runner.reload_weights(weights_iterator=_keep_deferred(weights))
+        _retie_lm_head(runner.model)
+
     def _choose_sync_path(self, model: torch.nn.Module | None) -> None:
-        """In-place copy or layer-wise reload; collective (the first sync), every rank takes the same path."""
+        """In-place copy, or HF tensors through `load_hf` ("load" into plain CPU weights, else vLLM's layer-wise
+        "reload"); collective (the first sync), every rank takes the same path."""
+        streamed = "load" if self._plain_cpu else "reload"
         if self.layout.kind != "colocated":  # split: the weights arrive over the network as HF tensors
-            self.sync_path = "reload"
+            self.sync_path = streamed
             return
         reason = self._inplace_unavailable(model)
         reasons: list[str | None] = [None] * dist.get_world_size()
         dist.all_gather_object(reasons, reason)
         if any(reasons):
             self._inplace = None
-            self.sync_path = "reload"
+            self.sync_path = streamed
             if self.groups.rank == 0:
                 by_reason: dict[str, list[int]] = {}
                 for rank, why in enumerate(reasons):
                     if why:
                         by_reason.setdefault(why, []).append(rank)
-                logger.warning("weight sync: vLLM's layer-wise reload instead of the in-place copy: %s",
+                logger.warning("weight sync: HF tensors through %s instead of the in-place copy: %s", streamed,
                                "; ".join(f"rank(s) {ranks}: {why}" for why, ranks in by_reason.items()))
             return
         self.sync_path = "inplace"

@@ -16,7 +16,7 @@ from megatron_rlvr.testing.distributed import run_workers
 from tests.rollout.common import PROMPTS, build_policy, policy_step, trainer_logprobs, vllm_model_dir, worker_env
 
 
-def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wrong_route=False):
+def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wrong_route=False, plain=False):
     from megatron_rlvr.parallel.layout import group_as_world, init_layout, make_layout
     from megatron_rlvr.config import OptimizerConfig
     from megatron_rlvr.parallel.model import make_trainable
@@ -32,7 +32,7 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wr
             ddp, optimizer = make_trainable(model, groups.pg, OptimizerConfig(name="adam", lr=2e-2, clip_grad=0.0))
     # buckets of 16 KiB: the tiny model (~0.2 MB) travels in many buckets, so the pipelining is exercised
     engine = build_rollout_engine("vllm", groups, model_dir, dtype="float32", max_model_len=64, max_num_seqs=16,
-                                  bucket_mb=1 / 64)
+                                  bucket_mb=1 / 64, cpu_plain_weights=plain)
     vocab = engine.arch.vocab_size
     sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=5)
     before = engine.generate(prompts, sampling)
@@ -107,10 +107,13 @@ def _check(results, trainer_rank, rollout_rank):
     assert rollout["asleep_kv"] == 0 < rollout["awake_kv"], "sleep did not release the KV cache"
 
 
-def test_split_world3_vllm_tp2(tmp_path):
-    """Ranks 0-1: one vLLM engine with TP=2; rank 2 trains; weights travel by bucketed broadcast."""
+@pytest.mark.parametrize("plain", [False, True], ids=["packed", "plain"])
+def test_split_world3_vllm_tp2(tmp_path, plain):
+    """Ranks 0-1: one vLLM engine with TP=2; rank 2 trains; weights travel by bucketed broadcast, into vLLM's
+    oneDNN-packed weights by its layer-wise reload, or into plain weights by its loaders (`cpu_plain_weights`)."""
     model_dir = vllm_model_dir(tmp_path)
-    results = run_workers(_sync_worker, 3, "split", 1, 2, model_dir, PROMPTS, env=worker_env(), timeout=400)
+    results = run_workers(_sync_worker, 3, "split", 1, 2, model_dir, PROMPTS, False, plain, env=worker_env(),
+                          timeout=400)
     _check(results, trainer_rank=2, rollout_rank=0)
     assert results[0]["stats"].bytes == results[2]["stats"].bytes > 0
 
