@@ -491,6 +491,10 @@ def _check_model_dir(cfg, key: str, path: str, shape: str, check_paths: bool, un
         check_model_parallel(arch, f"the value model {source}", tp, pp,
                              keys=("value_tensor_parallel", "value_pipeline_parallel"), notes=notes)
     else:
+        if getattr(arch, "score_head", False):
+            raise ConfigError(f"{key}={path!r} is a reward model (LlamaForSequenceClassification, no LM head): it can "
+                              "start the value model (model.value_path), not the policy; point model.path at a "
+                              "LlamaForCausalLM")
         first, last = policy_stage_layers(par)
         check_model_parallel(arch, source, par.tensor_parallel, par.pipeline_parallel, first_stage_layers=first,
                              last_stage_layers=last)

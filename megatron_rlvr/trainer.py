@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_rlvr.config import JobConfig, check_world, save_config, validate
+from megatron_rlvr.config import JobConfig, check_world, save_config, validate, value_parallel_sizes
 from megatron_rlvr.platform import current_platform
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ class Models:
     reference: torch.nn.Module | None = None
     value: torch.nn.Module | None = None
     value_optimizer: object | None = None
+    value_pg: object | None = None
+    """the value model's ProcessGroupCollection (its own TP x PP x DP grid, or the policy's)"""
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -66,47 +68,42 @@ def build_model(cfg: JobConfig, path: str, pg, *, frozen: bool = False, value_he
 
     A value model is the same trunk with a zero-initialised scalar head in place of the LM head.
     """
-    from megatron_rlvr.models.llama import LlamaArch, ValueHead, build_llama, transformer_config
+    from megatron_rlvr.config import policy_stage_layers
+    from megatron_rlvr.models.llama import LlamaArch, build_llama, transformer_config
     from megatron_rlvr.models.weights import load_hf_into_model, read_hf_state
 
     arch = LlamaArch.from_pretrained(path)
+    if arch.score_head and not value_head:
+        raise ValueError(f"{path} is a reward model (LlamaForSequenceClassification, no LM head): it can start the "
+                         "value model (model.value_path), not the policy; point model.path at a LlamaForCausalLM")
     par = cfg.parallel
+    first, last = policy_stage_layers(par)
     config = transformer_config(arch, tp=par.tensor_parallel, pp=par.pipeline_parallel,
                                 sequence_parallel=par.sequence_parallel, params_dtype=_dtype(cfg.model.dtype),
-                                recompute=cfg.model.recompute and not frozen)
-    model = build_llama(arch, config, pg, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
+                                recompute=cfg.model.recompute and not frozen, first_stage_layers=first,
+                                last_stage_layers=last)
+    model = build_llama(arch, config, pg, pad_vocab_multiple=cfg.model.pad_vocab_multiple, value_head=value_head)
     load_hf_into_model(model, read_hf_state(path), arch, pg)
-    if value_head and model.post_process:
-        model.output_layer = ValueHead(arch.hidden_size, config.params_dtype)
     if frozen:
         model.eval()
         model.requires_grad_(False)
     return model, arch
 
 
-def build_models(cfg: JobConfig, pg, groups=None):
-    """Policy (+ reference, + value) on this trainer rank. `groups`: the layout's groups when the trainer ranks
-    are only part of the world (split layout), whose optimizer set-up must not reach the rollout ranks."""
-    import contextlib
-
-    from megatron_rlvr.parallel.layout import group_as_world
+def build_models(cfg: JobConfig, pg, value_pg=None):
+    """Policy (+ reference, + value) on this trainer rank. `value_pg`: the value model's groups
+    (`models.value.value_groups`, made on every rank beforehand)."""
+    from megatron_rlvr.models.value import build_value_model
     from megatron_rlvr.parallel.model import make_trainable
 
-    # megatron's optimizer set-up has world-wide collectives: give it the trainer block as its world
-    trainer_world = (group_as_world(groups.trainer_group) if groups is not None and groups.layout.kind == "split"
-                     else contextlib.nullcontext())
     policy, arch = build_model(cfg, cfg.model.path, pg)
-    distributed = cfg.parallel.use_distributed_optimizer
-    with trainer_world:
-        policy, optimizer = make_trainable(policy, pg, cfg.train.optimizer, use_distributed_optimizer=distributed)
+    policy, optimizer = make_trainable(policy, pg, cfg.train.optimizer,
+                                       use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
     models = Models(policy, optimizer)
     if cfg.algorithm.kl_coef > 0:
         models.reference, _ = build_model(cfg, cfg.model.path, pg, frozen=True)
     if cfg.algorithm.advantage_estimator == "gae":
-        value, _ = build_model(cfg, cfg.model.value_path or cfg.model.path, pg, value_head=True)
-        with trainer_world:
-            models.value, models.value_optimizer = make_trainable(value, pg, cfg.train.value_optimizer,
-                                                                  use_distributed_optimizer=distributed)
+        models.value, models.value_optimizer, models.value_pg = build_value_model(cfg, pg, value_pg)
     return models, arch
 
 
@@ -490,12 +487,17 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
     dp_size = check_world(cfg, world)
     seed_everything(cfg.train.seed)
     groups, pg = init_groups(cfg, world, vllm=cfg.rollout.backend == "vllm" and rollout_factory is None)
+    value_pg = None
+    if cfg.algorithm.advantage_estimator == "gae":  # collective over the world, before any vLLM engine
+        from megatron_rlvr.models.value import value_groups
+
+        value_pg = value_groups(cfg, pg)
     platform = current_platform()
     trains = pg is not None  # False on the rollout-only ranks of the split layout
 
     # -- models, data, rollout engine, rewards
     if trains:
-        models, arch = build_models(cfg, pg, groups)
+        models, arch = build_models(cfg, pg, value_pg)
     else:
         models, arch = None, LlamaArch.from_pretrained(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
@@ -517,8 +519,11 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
 
     # -- resume
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    layout = {"world": world, "layout": cfg.parallel.layout, "tp": cfg.parallel.tensor_parallel,
-              "pp": cfg.parallel.pipeline_parallel, "dp": dp_size}
+    par = cfg.parallel
+    layout = {"world": world, "layout": par.layout, "tp": par.tensor_parallel, "pp": par.pipeline_parallel,
+              "dp": dp_size, "stage_layers": [par.pipeline_first_stage_layers, par.pipeline_last_stage_layers]}
+    if cfg.algorithm.advantage_estimator == "gae":
+        layout["value_tp_pp"] = list(value_parallel_sizes(par))
     # every rank names every model (dist_checkpointing is collective over the world); None where it is not held
     named_models = {"policy": policy}
     named_optimizers = {"policy": models.optimizer} if trains else {}
@@ -656,8 +661,14 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
 def train_step(models: Models, arch, pg, cfg: JobConfig, samples, rewards: list[float], kl_coef: float, step: int,
                tokenizer, dp_size: int, needs_old: bool) -> dict | None:
     """Log-probs, advantages and the mini-batch updates of one step on a trainer rank; returns the step's update
-    stats on the ranks that report them (last pipeline stage, TP rank 0), None elsewhere."""
+    stats on the ranks that report them (last pipeline stage, TP rank 0, of the policy's or the value model's
+    grid), None elsewhere.
+
+    The value model may have a grid of its own (`models.value_pg`): its data-parallel ranks then hold other prompt
+    groups than the policy's. Values are computed on the value grid's share and gathered for the advantages;
+    returns go back the same way for the value update."""
     from megatron_rlvr.algorithms import compute_advantages, kl_reward_penalty
+    from megatron_rlvr.models.value import gather_rows, prompt_share
 
     algo = cfg.algorithm
     prompts_per_rank = cfg.train.prompts_per_step // dp_size
@@ -671,7 +682,20 @@ def train_step(models: Models, arch, pg, cfg: JobConfig, samples, rewards: list[
         batch.fields["old_logprobs"] = per_token(models.policy, batch, pg, cfg, arch.vocab_size)
     if models.reference is not None:
         batch.fields["ref_logprobs"] = per_token(models.reference, batch, pg, cfg, arch.vocab_size)
-    values = per_token(models.value, batch, pg, cfg, 1, value_model=True) if models.value is not None else None
+    values = vbatch = None
+    if models.value is not None:
+        vpg = models.value_pg
+        if vpg is pg:  # the policy's grid: the same rows
+            vmine, vbatch = mine, batch
+            values = per_token(models.value, batch, pg, cfg, 1, value_model=True)
+        else:
+            vmine = prompt_share(vpg, cfg.train.prompts_per_step)
+            vlocal = [i for i, s in enumerate(samples) if s.prompt_index in vmine]
+            vbatch = pack_rollouts([samples[i] for i in vlocal], [rewards[i] for i in vlocal], tokenizer.pad_token_id)
+            # rows are left-aligned `[prompt | response | pad]`: column t is the same position in every packing
+            all_values = gather_rows(per_token(models.value, vbatch, vpg, cfg, 1, value_model=True), vlocal,
+                                     len(samples), vpg.dp)
+            values = all_values[local, : batch.mask.shape[1]] * batch.mask
 
     # 4. advantages (KL as a reward penalty for kl_mode=reward)
     token_rewards = batch.token_rewards
@@ -685,9 +709,13 @@ def train_step(models: Models, arch, pg, cfg: JobConfig, samples, rewards: list[
     advantages, returns = compute_advantages(algo.advantage_estimator, token_rewards, batch.mask,
                                              group_ids=batch.group_ids, values=values, gamma=algo.gamma, lam=algo.lam)
     batch.fields["advantages"] = advantages
-    if values is not None:
+    if vbatch is batch:
         batch.fields["values"] = values
         batch.fields["returns"] = returns
+    elif vbatch is not None:
+        width = vbatch.mask.shape[1]
+        vbatch.fields["values"] = all_values[vlocal, :width]
+        vbatch.fields["returns"] = gather_rows(returns, local, len(samples), pg.dp)[vlocal, :width] * vbatch.mask
     logprob_s = time.perf_counter() - t
 
     # 5. mini-batch updates over whole prompt groups
@@ -696,19 +724,24 @@ def train_step(models: Models, arch, pg, cfg: JobConfig, samples, rewards: list[
     if models.value is not None:
         set_lr(models.value_optimizer, cfg.train.value_optimizer.lr, cfg.train.value_optimizer.warmup_steps,
                first_update)
-    group_of_row = torch.tensor(batch.group_ids)
-    update_stats = []
+    def mini_batches(rows: RolloutBatch, share: range, epoch: int):
+        """The rows of each mini-batch: whole prompt groups, in an order drawn per step and epoch."""
+        of_row = torch.tensor(rows.group_ids) - share.start
+        order = torch.randperm(len(share), generator=torch.Generator().manual_seed(step * 7919 + epoch))
+        return [rows.rows(torch.isin(of_row, chunk).nonzero().flatten()) for chunk in order.chunk(algo.mini_batches)]
+
+    policy_stats, value_stats = [], []
     for epoch in range(algo.ppo_epochs):
-        order = torch.randperm(prompts_per_rank, generator=torch.Generator().manual_seed(step * 7919 + epoch))
-        for chunk in order.chunk(algo.mini_batches):
-            chosen = torch.isin(group_of_row - mine.start, chunk).nonzero().flatten()
-            mini = batch.rows(chosen)
-            update_stats += update_policy(models, mini, pg, cfg, arch.vocab_size, kl_coef)
-            if models.value is not None:
-                update_stats += update_value(models, mini, pg, cfg)
-    if not (pg.pp.rank() == pg.pp.size() - 1 and pg.tp.rank() == 0):
-        return None
-    stats = mean_stats(update_stats)
-    stats.update({f"kl_penalty/{k}": float(v) for k, v in kl_stats.items()})
-    stats.update({"lr": lr, "timing/logprob_s": logprob_s})
-    return stats
+        value_minis = mini_batches(vbatch, vmine, epoch) if vbatch is not None else []
+        for k, mini in enumerate(mini_batches(batch, mine, epoch)):
+            policy_stats += update_policy(models, mini, pg, cfg, arch.vocab_size, kl_coef)
+            if value_minis:
+                value_stats += update_value(models, value_minis[k], vpg, cfg)
+    stats = {}
+    if pg.pp.rank() == pg.pp.size() - 1 and pg.tp.rank() == 0:
+        stats.update(mean_stats(policy_stats))
+        stats.update({f"kl_penalty/{k}": float(v) for k, v in kl_stats.items()})
+        stats.update({"lr": lr, "timing/logprob_s": logprob_s})
+    if value_stats:  # the value grid's last stage
+        stats.update(mean_stats(value_stats))
+    return stats or None

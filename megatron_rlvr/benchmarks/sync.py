@@ -129,7 +129,6 @@ def _raw_broadcast(groups, stream, model):
 
 
 def _worker(rank, world, args, model_dir):
-    import torch
     import torch.distributed as dist
 
     from megatron_rlvr.models.llama import LlamaArch, build_llama, transformer_config

@@ -149,7 +149,7 @@ def dry_run_report(cfg, world_size: int | None = None) -> str:
                            f"PP {vpp} x DP {value_dp}): weights, gradients and optimizer "
                            f"{plan.train_memory.value_model / GIB:.1f} GiB of that GPU's total")
         if plan.rollout_memory is not None:
-            out.append(f"  rollout: " + ", ".join(f"{k} {v / GIB:.1f}" for k, v in plan.rollout_memory.items())
+            out.append("  rollout: " + ", ".join(f"{k} {v / GIB:.1f}" for k, v in plan.rollout_memory.items())
                        + f"; total {plan.rollout_memory.total / GIB:.1f} GiB")
         for problem in plan.problems:
             out.append(f"  planner problem: {problem.what} (fix: {problem.fix})")

@@ -190,7 +190,9 @@ def check_hf_state(hf: dict[str, torch.Tensor], arch: LlamaArch, source: str) ->
         "model.embed_tokens.weight": (arch.vocab_size, h),
         "model.norm.weight": (h,),
     }
-    if not arch.tie_word_embeddings:
+    if arch.score_head:
+        expected["score.weight"] = (1, h)
+    elif not arch.tie_word_embeddings:
         expected["lm_head.weight"] = (arch.vocab_size, h)
     for layer in range(arch.num_layers):
         p = f"model.layers.{layer}."

@@ -28,7 +28,8 @@ from megatron_rlvr.models.norm import RMSNorm
 from megatron_rlvr.models.stages import PipelineSplit
 from megatron_rlvr.platform import current_platform
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# a sequence-classification Llama (a reward model: trunk + `score` [1, h], no LM head) can start a PPO value model
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class LlamaArch:
     rope_scaling: dict | None = None  # rope_scaling (Llama-3 "llama3" type)
     tie_word_embeddings: bool = False  # tie_word_embeddings
     max_position_embeddings: int = 4096  # max_position_embeddings
+    score_head: bool = False  # architectures == ["LlamaForSequenceClassification"]: `score.weight`, no `lm_head`
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], source: str = "config.json") -> "LlamaArch":
@@ -89,6 +91,7 @@ class LlamaArch:
             rope_scaling=dict(rope_scaling) if rope_scaling else None,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             max_position_embeddings=config.get("max_position_embeddings", 4096),
+            score_head=archs[0] == "LlamaForSequenceClassification",
         )
 
     @classmethod

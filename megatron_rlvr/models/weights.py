@@ -51,8 +51,8 @@ def _full_name(local: str, arch: LlamaArch, pg: ProcessGroupCollection, split: P
 def load_hf_into_model(
     model: torch.nn.Module, hf: dict[str, torch.Tensor], arch: LlamaArch, pg: ProcessGroupCollection
 ) -> None:
-    """Copy HF tensors into this rank's shard of `model` (exact: a copy, no arithmetic). A value head keeps its
-    own initialisation: the HF model has no counterpart."""
+    """Copy HF tensors into this rank's shard of `model` (exact: a copy, no arithmetic). A value head takes a
+    reward model's `score.weight` [1, h] (LlamaForSequenceClassification), else keeps its own initialisation."""
     inner = unwrap(model)
     padded = inner.vocab_size
     tp, tp_rank = pg.tp.size(), pg.tp.rank()
@@ -60,6 +60,11 @@ def load_hf_into_model(
     head = getattr(inner, "output_layer", None)
     for local, param in inner.named_parameters():
         if isinstance(head, ValueHead) and param is head.weight:
+            if "score.weight" in hf:
+                if hf["score.weight"].shape != param.shape:
+                    raise ValueError(f"score.weight has shape {list(hf['score.weight'].shape)}; a value model "
+                                     f"needs one output ({list(param.shape)}): a reward model with num_labels=1")
+                param.copy_(hf["score.weight"])
             continue
         name = _full_name(local, arch, pg, split)
         full = hf_mapping.hf_to_mcore_full(name, hf, arch, padded)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from megatron_rlvr.planner.memory import kv_bytes_per_token_per_gpu, micro_batch_tokens
+from megatron_rlvr.planner.memory import kv_bytes_per_token_per_gpu
 from megatron_rlvr.planner.specs import ClusterSpec, Efficiency, Layout, ModelSpec
 
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megatron_rlvr.models import hf_mapping
 from megatron_rlvr.models.llama import LlamaArch
-from megatron_rlvr.models.weights import TIED_OUTPUT, unwrap
+from megatron_rlvr.models.weights import TIED_OUTPUT, pipeline_split, unwrap
 from megatron_rlvr.parallel.layout import LayoutGroups
 from megatron_rlvr.platform import current_platform
 from megatron_rlvr.sync.buckets import Bucket, TensorMeta, pack, plan_buckets, unpack
@@ -45,11 +45,12 @@ Broadcasts = list[tuple[str, Bucket]]
 def local_shards(model: torch.nn.Module, arch: LlamaArch, pg) -> dict[str, torch.Tensor]:
     """This rank's parameter shards keyed by megatron global name, in model order (a tied output copy skipped)."""
     pp, pp_rank = pg.pp.size(), pg.pp.rank()
+    split = pipeline_split(model)  # an uneven split names its layers from its own stage offsets
     out = {}
     for local, param in unwrap(model).named_parameters():
         if local == TIED_OUTPUT and arch.tie_word_embeddings:
             continue  # the last stage's copy of the embedding: the first stage's is sent
-        out[hf_mapping.global_name(local, arch, pp, pp_rank)] = param.detach()
+        out[hf_mapping.global_name(local, arch, pp, pp_rank, split)] = param.detach()
     return out
 
 

@@ -131,6 +131,27 @@ def test_split_layout_needs_rollout_ranks_and_vllm(job):
     assert "set rollout.backend=vllm" in error(job, ["parallel.layout=split", "parallel.rollout_ranks=1"], 2)
 
 
+def test_one_step_off_policy_needs_the_split_layout(job):
+    msg = error(job, ["rollout.one_step_off_policy=true"], 1)
+    assert "rollout.one_step_off_policy=true" in msg and "needs parallel.layout=split" in msg
+    split = ["parallel.layout=split", "parallel.rollout_ranks=1", "rollout.backend=vllm"]
+    validate(config_from_dict(job, split + ["rollout.one_step_off_policy=true"]), 2)
+
+
+def test_reward_model_starts_the_value_model_not_the_policy(job, tmp_path):
+    import json
+    import shutil
+
+    rm = tmp_path / "rm"
+    shutil.copytree(job["model"]["path"], rm)
+    config = json.loads((rm / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps(dict(config, architectures=["LlamaForSequenceClassification"])))
+    gae = ["algorithm.advantage_estimator=gae"]
+    validate(config_from_dict(job, gae + [f"model.value_path={rm}"]), 1)
+    msg = error(job, [f"model.path={rm}"])
+    assert f"model.path='{rm}' is a reward model" in msg and "point model.path at a LlamaForCausalLM" in msg
+
+
 def test_missing_files(job):
     msg = error(job, ["data.train_files=[/nonexistent/train.jsonl]"])
     assert "data.train_files: file '/nonexistent/train.jsonl' does not exist" in msg
