@@ -12,6 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", dest="dst_format", choices=("hf", "mcore"), required=True, help="format of DST")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size of a megatron output")
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size of a megatron output")
+    parser.add_argument("--pp-first-layers", type=int, default=None,
+                        help="layers on the first pipeline stage of a megatron output (default: the even share)")
+    parser.add_argument("--pp-last-layers", type=int, default=None,
+                        help="layers on the last pipeline stage of a megatron output (default: the even share)")
     parser.add_argument("--pad-vocab-multiple", type=int, default=128,
                         help="pad the vocab to a multiple of this x TP (HF -> mcore)")
     parser.add_argument("src", metavar="SRC")
@@ -21,11 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_rlvr.models import convert
 
+    split = {"first_stage_layers": args.pp_first_layers, "last_stage_layers": args.pp_last_layers}
     try:
         if args.src_format == "hf" and args.dst_format == "mcore":
-            convert.hf_to_mcore(args.src, args.dst, args.tp, args.pp, args.pad_vocab_multiple)
+            convert.hf_to_mcore(args.src, args.dst, args.tp, args.pp, args.pad_vocab_multiple, **split)
         elif args.src_format == "mcore" and args.dst_format == "mcore":
-            convert.reshard(args.src, args.dst, args.tp, args.pp)
+            convert.reshard(args.src, args.dst, args.tp, args.pp, **split)
         elif args.src_format == "mcore" and args.dst_format == "hf":
             convert.mcore_to_hf(args.src, args.dst)
         else:

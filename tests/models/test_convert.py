@@ -104,6 +104,18 @@ def test_uneven_pipeline_round_trip_bit_exact(tmp_path):
     _assert_bit_exact(src, str(tmp_path / "back"))
 
 
+def test_cli_uneven_pipeline_split(tmp_path):
+    """`megatron-rlvr convert --pp-first-layers/--pp-last-layers` writes the split it was given."""
+    src = tiny_model_dir(tmp_path, "tiny", num_hidden_layers=7)
+    out = tmp_path / "cli-pp3"
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_rlvr.cli", "convert", "--from", "hf", "--to", "mcore", "--pp", "3",
+         "--pp-first-layers", "1", "--pp-last-layers", "1", src, str(out)], capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert convert.read_metadata(str(out))["saved_stage_layers"] == [1, 5, 1]
+
+
 def test_impossible_pipeline_split_is_refused(tmp_path):
     src = tiny_model_dir(tmp_path, "tiny", num_hidden_layers=7)
     with pytest.raises(ValueError, match=r"first=2 leaves 5 layer\(s\) for 2 other stage\(s\).*first = last in \[1, 2, 3\]"):
