@@ -9,10 +9,12 @@ then times, median of --repeats, in the same process groups:
   sync's bytes (colocated layout with training TP > 1): the wire alone, no packing, no allocation, no loading.
 - transport: the sync's weight stream (pack bucket k+1 while bucket k is on the wire, unpack, reshard to HF
   tensors) drained without loading.
-- load: vLLM's layer-wise reload alone, from the same tensors already in memory (no transfer): the floor of any
-  sync into vLLM on this machine.
-- sync: `VllmEngine.sync_weights` end to end (transport + vLLM's layer-wise reload, or the colocated in-place
-  copy), the probe check excluded (timed separately as verify).
+- load: vLLM's loading alone (`VllmEngine.load_hf`: its layer-wise reload, or its loaders into plain CPU
+  weights), from the same tensors already in memory (no transfer); not shown for the in-place and direct paths,
+  which copy each shard into vLLM's parameters as it arrives.
+- sync: `VllmEngine.sync_weights` end to end (transport + loading, the colocated in-place copy, or the split
+  layout's direct copy of received shards into plain vLLM weights), the probe check excluded (timed separately
+  as verify).
 - generate: 4 prompts x 2 samples x 32 tokens, to show what `--cpu-plain-weights` costs vLLM's generation.
 
 GB/s = sync bytes (per receiving rank: with per-slice routing, the shards its vLLM slice overlaps and the whole
@@ -151,8 +153,8 @@ def _worker(rank, world, args, model_dir):
     raw = _raw_broadcast(groups, engine.stream, model)
     local = read_hf_state(model_dir) if engine.llm is not None else {}
 
-    def load():  # an in-place sync has no loader, and a reload would swap out the weights it writes into
-        if engine.llm is not None and engine.sync_path != "inplace":
+    def load():  # an in-place or direct sync has no loader, and a reload would swap out the weights it writes into
+        if engine.llm is not None and engine.sync_path in ("load", "reload"):
             engine.load_hf(iter(local.items()))
 
     times = collections.defaultdict(list)
@@ -215,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
           f"({report['device']})")
     print(f"{'':<10} {'seconds':>9} {'GB/s':>8} {'x raw':>7}")
     for key in ("raw", "transport", "load", "sync", "verify", "generate"):
+        if key == "load" and report["sync_path"] not in ("load", "reload"):
+            continue  # an in-place or direct sync copies as the bytes arrive: no separate loading step
         r = rate.get(key)
         ratio = r / rate["raw"] if r and rate["raw"] else None
         print(f"{key:<10} {times[key]:>9.3f} {r if r else float('nan'):>8.3f} "

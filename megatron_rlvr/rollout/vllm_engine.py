@@ -38,7 +38,7 @@ from megatron_rlvr.rollout.base import Sample, SamplingConfig, SyncStats
 from megatron_rlvr.sync.transfer import WeightStream, local_shards
 from megatron_rlvr.sync.verify import check_logprobs, probe_tokens
 from megatron_rlvr.sync.vllm_layout import (
-    InplaceCopy, check_destinations, plan_inplace, source_ranks, vllm_parameter_shapes,
+    InplaceCopy, Region, bind, check_destinations, copy_pairs, plan_inplace, source_ranks, vllm_parameter_shapes,
 )
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ class VllmEngine:
         self._kv_storages: list = []
         self._plain_cpu = cpu_plain_weights and current_platform().device_type == "cpu"
         self._inplace: InplaceCopy | None = None
+        self._direct: dict[str | None, list[Region]] = {}
+        """split layout, "direct" path: this rank's copy regions by megatron source name (None: zero fills)"""
         self.sync_path: str | None = None
         """"inplace", "load" or "reload", set by the first sync"""
         if self.layout.is_rollout(groups.rank):
@@ -248,6 +250,14 @@ class VllmEngine:
             self._inplace(self._vllm_params, lambda: {
                 name: {tp_rank: tensor} for name, tensor in local_shards(model, self.arch, self.groups.pg).items()})
             nbytes = 0  # nothing crosses between ranks
+        elif self.sync_path == "direct":
+            shards = self.stream.run_shards(model)
+            if self.llm is not None:
+                params = self._vllm_params()
+                copy_pairs(bind(self._direct.get(None, []), params, {}))
+                for name, held in shards:  # each unit straight into vLLM's parameters while the next ones land
+                    copy_pairs(bind(self._direct.get(name, []), params, {name: held}))
+            nbytes = self.stream.last_bytes
         else:
             weights = self.stream.run(model)
             if self.llm is not None:
@@ -277,24 +287,65 @@ class VllmEngine:
         """In-place copy, or HF tensors through `load_hf` ("load" into plain CPU weights, else vLLM's layer-wise
         "reload"); collective (the first sync), every rank takes the same path."""
         streamed = "load" if self._plain_cpu else "reload"
-        if self.layout.kind != "colocated":  # split: the weights arrive over the network as HF tensors
-            self.sync_path = streamed
-            return
-        reason = self._inplace_unavailable(model)
+        if self.layout.kind == "split":
+            # the shards arrive over the network: copied straight into vLLM's parameters ("direct") where they
+            # are plain, else converted to HF tensors for vLLM's loaders
+            reason, best = self._direct_unavailable(model), "direct"
+        else:
+            reason, best = self._inplace_unavailable(model), "inplace"
         reasons: list[str | None] = [None] * dist.get_world_size()
         dist.all_gather_object(reasons, reason)
         if any(reasons):
             self._inplace = None
+            self._direct = {}
             self.sync_path = streamed
             if self.groups.rank == 0:
                 by_reason: dict[str, list[int]] = {}
                 for rank, why in enumerate(reasons):
                     if why:
                         by_reason.setdefault(why, []).append(rank)
-                logger.warning("weight sync: HF tensors through %s instead of the in-place copy: %s", streamed,
+                logger.warning("weight sync: HF tensors through %s instead of the %s copy: %s", streamed, best,
                                "; ".join(f"rank(s) {ranks}: {why}" for why, ranks in by_reason.items()))
             return
-        self.sync_path = "inplace"
+        self.sync_path = best
+
+    def _direct_unavailable(self, model: torch.nn.Module | None) -> str | None:
+        """Split layout: why this rank's engine cannot take the received shards straight into its parameters
+        (None when it can, or when it hosts no engine; then `self._direct` holds the regions). Collective: the
+        senders' tensor lists are exchanged here the first time."""
+        metas = self.stream.sender_metas(model)
+        if self.llm is None:
+            return None
+        embedding = [m for held in metas.values() for m in held if m.name == "embedding.word_embeddings.weight"]
+        engine = self.layout.engine_index(self.groups.rank)
+        try:
+            regions = plan_inplace(self.arch, train_tp=self.layout.train.tp,
+                                   train_vocab=embedding[0].shape[0] * self.layout.train.tp,
+                                   rollout_tp=self.layout.rollout_tp,
+                                   rollout_rank=self.groups.rank - self.layout.engine_ranks(engine).start)
+        except ValueError as err:
+            return str(err)
+        problem = self._destination_problem()
+        if problem:
+            return problem
+        self._direct = {}
+        for region in regions:
+            self._direct.setdefault(region.src, []).append(region)
+        return None
+
+    def _destination_problem(self) -> str | None:
+        """Why vLLM's parameters cannot be written directly (None when they can)."""
+        problem = check_destinations(vllm_parameter_shapes(self.arch, self.layout.rollout_tp), self._vllm_params())
+        if problem and current_platform().device_type == "cpu" and not self._plain_cpu:
+            problem += "; build the engine with cpu_plain_weights=True to keep vLLM's CPU weights plain"
+        if problem:
+            return problem
+        if current_platform().device_type == "cpu":
+            packed = [name for name, module in self._model_runner().model.named_modules()
+                      if getattr(module, "cpu_linear", torch.nn.functional.linear) is not torch.nn.functional.linear]
+            if packed:
+                return f"vLLM computes {packed[:3]} with packed copies of the weights, which a direct copy misses"
+        return None
 
     def _inplace_unavailable(self, model: torch.nn.Module | None) -> str | None:
         """Why this rank cannot sync in place (None when it can; then `self._inplace` holds the plan)."""
@@ -313,16 +364,9 @@ class VllmEngine:
         if others:
             return (f"vLLM TP rank {rollout_rank} needs the shards of training TP rank(s) {others} (training TP "
                     f"{train_tp}, rollout TP {self.layout.rollout_tp}; in place needs equal sizes or training TP 1)")
-        problem = check_destinations(vllm_parameter_shapes(self.arch, self.layout.rollout_tp), self._vllm_params())
-        if problem and current_platform().device_type == "cpu" and not self._plain_cpu:
-            problem += "; build the engine with cpu_plain_weights=True to keep vLLM's CPU weights plain"
+        problem = self._destination_problem()
         if problem:
             return problem
-        if current_platform().device_type == "cpu":
-            packed = [name for name, module in self._model_runner().model.named_modules()
-                      if getattr(module, "cpu_linear", torch.nn.functional.linear) is not torch.nn.functional.linear]
-            if packed:
-                return f"vLLM computes {packed[:3]} with packed copies of the weights, which an in-place copy misses"
         self._inplace = InplaceCopy(regions)
         return None
 

@@ -85,9 +85,17 @@ class WeightStream:
             return self._colocated(model)
         return self._split(model)
 
+    def run_shards(self, model: torch.nn.Module | None) -> Iterator[tuple[str, dict[int, torch.Tensor]]]:
+        """Split layout, like `run` but without the HF conversion: on the rollout ranks (megatron name, {training
+        TP rank: received shard}) for the shards routed to this rank, each valid until the next unit is taken
+        (for a direct copy into the engine's parameters, `sync.vllm_layout`)."""
+        if self.layout.kind != "split":
+            raise ValueError("run_shards: the colocated layout holds its shards locally (local_shards)")
+        return self._split(model, convert=False)
+
     # --- split layout -------------------------------------------------------------------------------------
 
-    def _sender_metas(self, model) -> dict[int, list[TensorMeta]]:
+    def sender_metas(self, model) -> dict[int, list[TensorMeta]]:
         """Every sender's tensor list, broadcast once over its full group (shapes never change)."""
         if self._metas is None:
             mine = None
@@ -107,14 +115,14 @@ class WeightStream:
         order) its tensors of that route in model order, cut into buckets. Collective the first time (the
         senders' tensor lists are exchanged once)."""
         plans = {}
-        for src, metas in self._sender_metas(model).items():
+        for src, metas in self.sender_metas(model).items():
             plans[src] = [
                 (r, bucket) for r in ROUTES
                 for bucket in plan_buckets([m for m in metas if route(m.name) == r], self.bucket_bytes)
             ]
         return plans
 
-    def _split(self, model) -> HFTensors:
+    def _split(self, model, convert: bool = True):
         rank = self.groups.rank
         if not self.groups.sync_groups:
             self.last_bytes = 0
@@ -123,7 +131,7 @@ class WeightStream:
         if rank in plans:
             self._send(model, plans[rank])
             return iter(())
-        return self._receive(plans)
+        return self._receive(plans, convert)
 
     def _buffers(self, key, count: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
         """`count` persistent flat buffers of at least `numel` elements, reused from sync to sync.
@@ -154,7 +162,7 @@ class WeightStream:
         for work in works:
             work.wait()
 
-    def _receive(self, plans: dict[int, Broadcasts]) -> HFTensors:
+    def _receive(self, plans: dict[int, Broadcasts], convert: bool = True):
         t = self.layout.train
         # transfer units in order: (pp stage, broadcast index), each made of the same bucket from every TP
         # sender of the stage whose group for that route holds this rank
@@ -181,7 +189,8 @@ class WeightStream:
         slots = self._buffers("recv", depth, max(b.numel * len(mine) for _, b, mine in units), dtype)
         # one assembly buffer: a unit's full-shape tensors live until the consumer takes the next unit
         assembly = self._buffers("assemble", 1, max(
-            sum(assembled_numel(e.name, e.numel, t.tp) for e in b.entries) for _, b, _ in units), dtype)[0]
+            sum(assembled_numel(e.name, e.numel, t.tp) for e in b.entries) for _, b, _ in units), dtype)[0] \
+            if convert else None
 
         def post(k):
             r, bucket, mine = units[k]
@@ -203,8 +212,11 @@ class WeightStream:
                 views = {i: unpack(bucket, flat) for i, (flat, _) in posted.items()}
                 offset = 0
                 for entry in bucket.entries:
-                    used = assembled_numel(entry.name, entry.numel, t.tp)
                     shards = {i: v[entry.name] for i, v in views.items()}
+                    if not convert:
+                        yield entry.name, shards
+                        continue
+                    used = assembled_numel(entry.name, entry.numel, t.tp)
                     yield from assemble(entry.name, shards, self.arch, t.tp, assembly[offset : offset + used]).items()
                     offset += used
 

@@ -43,7 +43,7 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wr
     engine.wake()
     stats = engine.sync_weights(ddp)
     after = engine.generate(prompts, sampling)
-    result = {"before": before, "after": after, "stats": stats, "asleep_kv": asleep_kv,
+    result = {"before": before, "after": after, "stats": stats, "path": engine.sync_path, "asleep_kv": asleep_kv,
               "awake_kv": engine.kv_cache_bytes()}
     if layout.is_trainer(rank):
         result["trainer_before"] = trainer_logprobs(ddp, groups.pg, before, vocab)
@@ -110,24 +110,30 @@ def _check(results, trainer_rank, rollout_rank):
 @pytest.mark.parametrize("plain", [False, True], ids=["packed", "plain"])
 def test_split_world3_vllm_tp2(tmp_path, plain):
     """Ranks 0-1: one vLLM engine with TP=2; rank 2 trains; weights travel by bucketed broadcast, into vLLM's
-    oneDNN-packed weights by its layer-wise reload, or into plain weights by its loaders (`cpu_plain_weights`)."""
+    oneDNN-packed weights by its layer-wise reload, or copied straight into plain weights (`cpu_plain_weights`)."""
     model_dir = vllm_model_dir(tmp_path)
     results = run_workers(_sync_worker, 3, "split", 1, 2, model_dir, PROMPTS, False, plain, env=worker_env(),
                           timeout=400)
     _check(results, trainer_rank=2, rollout_rank=0)
     assert results[0]["stats"].bytes == results[2]["stats"].bytes > 0
+    assert {r["path"] for r in results} == {"direct" if plain else "reload"}
 
 
-def test_split_world4_per_slice_routing(tmp_path):
+@pytest.mark.parametrize("plain", [False, True], ids=["packed", "plain"])
+def test_split_world4_per_slice_routing(tmp_path, plain):
     """Ranks 0-1: one vLLM engine with TP=2; ranks 2-3 train with TP=2. Each vLLM rank receives only the training
     shard overlapping its slice (plus the norms and the whole vocab tables), and the engine still matches the
     trainer; a sync routed to the wrong slices fails the post-sync check."""
     from megatron_rlvr.models.weights import read_hf_state
 
     model_dir = vllm_model_dir(tmp_path)
-    results = run_workers(_sync_worker, 4, "split", 2, 2, model_dir, PROMPTS, True, env=worker_env(), timeout=500)
+    # (a wrong route into the direct copy fails before the check: the shards its regions read are missing)
+    results = run_workers(_sync_worker, 4, "split", 2, 2, model_dir, PROMPTS, not plain, plain, env=worker_env(),
+                          timeout=500)
     _check(results, trainer_rank=2, rollout_rank=0)
-    assert all(r["wrong_route_caught"] for r in results), "the post-sync check missed a sync routed to wrong slices"
+    assert {r["path"] for r in results} == {"direct" if plain else "reload"}
+    if not plain:
+        assert all(r["wrong_route_caught"] for r in results), "the post-sync check missed a sync routed to wrong slices"
 
     # bytes from the HF checkpoint: the TP-sharded projections split in two, the norms whole, the vocab tables
     # whole as megatron pads them (pad_vocab_multiple=16 per TP rank, 2 ranks: to a multiple of 32)
