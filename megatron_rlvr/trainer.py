@@ -63,17 +63,15 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def build_model(cfg: JobConfig, path: str, pg, *, frozen: bool = False, value_head: bool = False):
-    """This rank's stage of the Llama at `path` with its HF weights; (model, arch).
-
-    A value model is the same trunk with a zero-initialised scalar head in place of the LM head.
-    """
+def build_model(cfg: JobConfig, path: str, pg, *, frozen: bool = False):
+    """This rank's stage of the causal Llama at `path` with its HF weights, on the policy's pipeline split; (model,
+    arch). The PPO value model is built by `models.value.build_value_model`, on its own grid."""
     from megatron_rlvr.config import policy_stage_layers
     from megatron_rlvr.models.llama import LlamaArch, build_llama, transformer_config
     from megatron_rlvr.models.weights import load_hf_into_model, read_hf_state
 
     arch = LlamaArch.from_pretrained(path)
-    if arch.score_head and not value_head:
+    if arch.score_head:
         raise ValueError(f"{path} is a reward model (LlamaForSequenceClassification, no LM head): it can start the "
                          "value model (model.value_path), not the policy; point model.path at a LlamaForCausalLM")
     par = cfg.parallel
@@ -82,7 +80,7 @@ def build_model(cfg: JobConfig, path: str, pg, *, frozen: bool = False, value_he
                                 sequence_parallel=par.sequence_parallel, params_dtype=_dtype(cfg.model.dtype),
                                 recompute=cfg.model.recompute and not frozen, first_stage_layers=first,
                                 last_stage_layers=last)
-    model = build_llama(arch, config, pg, pad_vocab_multiple=cfg.model.pad_vocab_multiple, value_head=value_head)
+    model = build_llama(arch, config, pg, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
     load_hf_into_model(model, read_hf_state(path), arch, pg)
     if frozen:
         model.eval()

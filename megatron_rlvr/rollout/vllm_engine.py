@@ -138,7 +138,7 @@ class VllmEngine:
         self._direct: dict[str | None, list[Region]] = {}
         """split layout, "direct" path: this rank's copy regions by megatron source name (None: zero fills)"""
         self.sync_path: str | None = None
-        """"inplace", "load" or "reload", set by the first sync"""
+        """"inplace" (colocated), "direct" (split), "load" or "reload", set by the first sync"""
         if self.layout.is_rollout(groups.rank):
             if current_platform().device_type == "cpu":
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
@@ -284,8 +284,9 @@ class VllmEngine:
         _retie_lm_head(runner.model)
 
     def _choose_sync_path(self, model: torch.nn.Module | None) -> None:
-        """In-place copy, or HF tensors through `load_hf` ("load" into plain CPU weights, else vLLM's layer-wise
-        "reload"); collective (the first sync), every rank takes the same path."""
+        """Shards copied straight into vLLM's parameters ("inplace" from local shards, colocated; "direct" from
+        received ones, split), or HF tensors through `load_hf` ("load" into plain CPU weights, else vLLM's
+        layer-wise "reload"); collective (the first sync), every rank takes the same path."""
         streamed = "load" if self._plain_cpu else "reload"
         if self.layout.kind == "split":
             # the shards arrive over the network: copied straight into vLLM's parameters ("direct") where they

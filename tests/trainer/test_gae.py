@@ -335,6 +335,8 @@ def test_value_optimizer_warms_up_like_the_policy(tmp_path):
 def _values_with_and_without_sequence_parallel(rank, world, args):
     from megatron_rlvr import trainer
     from megatron_rlvr.config import config_from_dict
+    from megatron_rlvr.models.value import build_value_model
+    from megatron_rlvr.models.weights import unwrap
     from megatron_rlvr.parallel.state import init_distributed
 
     cfg = config_from_dict({}, args)
@@ -348,8 +350,8 @@ def _values_with_and_without_sequence_parallel(rank, world, args):
     out = {}
     for sequence_parallel in (False, True):
         par = dataclasses.replace(cfg.parallel, sequence_parallel=sequence_parallel)
-        model, _ = trainer.build_model(dataclasses.replace(cfg, parallel=par), cfg.model.path, pg, value_head=True)
-        model.output_layer.weight.data.copy_(head)
+        model, _, _ = build_value_model(dataclasses.replace(cfg, parallel=par), pg, pg)
+        unwrap(model).output_layer.weight.data.copy_(head)
         out[sequence_parallel] = trainer.per_token(model, batch, pg, cfg, 1, value_model=True)
     return out
 
@@ -364,12 +366,13 @@ def test_values_do_not_depend_on_sequence_parallelism(tmp_path):
 def _values_from_reward_model(rank, world, args, tokens):
     from megatron_rlvr import trainer
     from megatron_rlvr.config import config_from_dict
+    from megatron_rlvr.models.value import build_value_model
     from megatron_rlvr.parallel.state import init_distributed
 
     cfg = config_from_dict({}, args)
     init_distributed()
     _, pg = trainer.init_groups(cfg, world, vllm=False)
-    model, _ = trainer.build_model(cfg, cfg.model.value_path, pg, value_head=True)
+    model, _, _ = build_value_model(cfg, pg, pg)
     length = tokens.shape[1]
     batch = trainer.RolloutBatch(tokens, torch.tensor([length]), torch.ones(1, length - 1), torch.zeros(1), [0])
     return trainer.per_token(model, batch, pg, cfg, 1, value_model=True)
