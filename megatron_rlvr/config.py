@@ -77,6 +77,13 @@ class ParallelConfig:
     """Shard optimizer state over the data-parallel group (megatron-core's distributed optimizer)."""
     world_size: int = 0
     """Ranks the job is meant to run on (0: any that fits the layout); checked at launch, planned by --dry-run."""
+    timeout_s: float = 1800.0
+    """Seconds a collective may wait for the other ranks before the job ends with the watchdog's report (every
+    process group: the world's, megatron's, the layout's and vLLM's)."""
+    watchdog_s: float = 300.0
+    """The watchdog reports a phase (rollout, train, sync, checkpoint, ...) that has run this long, or 3x its
+    longest time so far on this rank if that is later: which step, and where every other rank is. Must be below
+    timeout_s."""
 
 
 @dataclasses.dataclass
@@ -110,6 +117,8 @@ class RolloutConfig:
     """vllm: share of device memory for weights and KV cache (<= 0.5 on CPU)."""
     enforce_eager: bool = False
     """vllm: no CUDA graphs."""
+    kv_cache_gib: int = 1
+    """vllm on CPU: GiB of KV cache per engine (vLLM's VLLM_CPU_KVCACHE_SPACE, set from here)."""
     cpu_plain_weights: bool = False
     """vllm on CPU: keep vLLM's linear weights plain (torch's F.linear) instead of oneDNN-packed copies, so a sync
     writes them in place (colocated, training TP 1 or equal to the rollout TP) or loads them without re-packing
@@ -163,9 +172,16 @@ class OptimizerConfig:
     name: str = "adam"
     """adam or sgd."""
     lr: float = 1e-6
-    """Peak learning rate (constant after warm-up)."""
+    """Peak learning rate, reached at the end of warm-up (then see `schedule`)."""
     warmup_steps: int = 0
-    """Linear warm-up from 0 over this many optimizer steps."""
+    """Linear warm-up from 0 over this many optimizer steps (0: `warmup_ratio` decides)."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of all optimizer steps (Tülu 3 SFT and DPO: 0.1); used when warmup_steps is 0."""
+    schedule: str = "constant"
+    """After warm-up: constant, linear (decay to min_lr at the last step) or cosine (to min_lr); see
+    megatron_rlvr/schedule.py."""
+    min_lr: float = 0.0
+    """Floor of the linear and cosine schedules."""
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -214,8 +230,9 @@ class CheckpointConfig:
     """Save every this many steps (and at the end); 0: only at the end."""
     keep: int = 2
     """Complete checkpoints kept (older ones are deleted once a newer one is complete)."""
-    export_hf: bool = False
-    """Also write the final policy as a HuggingFace directory (`<output_dir>/hf`)."""
+    export_hf: bool = True
+    """Write the final policy as a HuggingFace directory (`<output_dir>/hf`, streamed tensor by tensor) that
+    transformers and vLLM load as it is; false: only the checkpoints."""
 
 
 @dataclasses.dataclass
@@ -529,6 +546,13 @@ def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool
     for key in positive:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
+    from megatron_rlvr.schedule import check_optimizer
+
+    check_optimizer(cfg.train.optimizer, "train.optimizer")
+    check_optimizer(cfg.train.value_optimizer, "train.value_optimizer")
+    check_timeouts(cfg.parallel)
+    if cfg.rollout.kv_cache_gib < 1:
+        raise ConfigError(f"rollout.kv_cache_gib={cfg.rollout.kv_cache_gib} must be a whole number of GiB >= 1")
     if cfg.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0 (log-probs divide by it)")
     if algo.advantage_estimator not in ("reinforce_plus_plus", "gae") and cfg.rollout.n < 2:
@@ -572,6 +596,15 @@ def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool
     if world_size is not None:
         check_world(cfg, world_size)
     return unchecked
+
+
+def check_timeouts(par: ParallelConfig) -> None:
+    """parallel.timeout_s and parallel.watchdog_s: positive, the watchdog reporting before the timeout."""
+    if not par.timeout_s > 0:
+        raise ConfigError(f"parallel.timeout_s={par.timeout_s} must be > 0 seconds")
+    if not 0 < par.watchdog_s < par.timeout_s:
+        raise ConfigError(f"parallel.watchdog_s={par.watchdog_s} must be > 0 and below parallel.timeout_s="
+                          f"{par.timeout_s}, so a stuck phase is reported before the job times out")
 
 
 def check_world(cfg: JobConfig, world_size: int) -> int:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_rlvr.config import (ConfigError, ModelConfig, OptimizerConfig, ParallelConfig, _build, check_model_parallel,
                                   model_arch, parse_overrides, _set_dotted)
+from megatron_rlvr.schedule import check_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def validate_sft(cfg: SFTConfig, world_size: int) -> int:
         raise ConfigError(f"model.path={cfg.model.path!r} has no config.json: point it at a HuggingFace Llama directory")
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     check_model_parallel(arch, source, tp, pp)
+    check_optimizer(cfg.train.optimizer, "train.optimizer")
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: list at least one JSONL file of SFT records")
     for path in cfg.data.train_files:
@@ -126,7 +128,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     from megatron_rlvr.models.forward import forward_backward, split_micro_batches
     from megatron_rlvr.parallel.model import make_trainable
     from megatron_rlvr.parallel.state import init_distributed, init_model_parallel, seed_everything
-    from megatron_rlvr.trainer import build_model, set_lr
+    from megatron_rlvr.schedule import set_lr
+    from megatron_rlvr.trainer import build_model
 
     validate_sft(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world = init_distributed()
@@ -165,7 +168,7 @@ def run_sft(cfg: SFTConfig) -> dict:
             loss = -(logprobs * m).sum() / total
             return loss, {"loss": loss.detach(), "tokens": m.sum()}
 
-        lr = set_lr(optimizer, cfg.train.optimizer.lr, cfg.train.optimizer.warmup_steps, step)
+        lr = set_lr(optimizer, cfg.train.optimizer, step, cfg.train.steps)
         model.zero_grad_buffer()
         optimizer.zero_grad()
         stats = forward_backward(model, split_micro_batches(tokens, cfg.train.micro_batch_size, {"mask": mask}, lengths),

@@ -370,16 +370,6 @@ def update_value(models: Models, batch: RolloutBatch, pg, cfg: JobConfig) -> lis
     return stats
 
 
-def set_lr(optimizer, base_lr: float, warmup: int, step: int) -> float:
-    from megatron_rlvr.checkpoint import _optimizers
-
-    lr = base_lr * min(1.0, step / warmup) if warmup else base_lr
-    for opt in _optimizers(optimizer):
-        for group in opt.param_groups:
-            group["lr"] = lr
-    return lr
-
-
 # ------------------------------------------------------------------------------------------------ stats
 
 
@@ -717,11 +707,13 @@ def train_step(models: Models, arch, pg, cfg: JobConfig, samples, rewards: list[
     logprob_s = time.perf_counter() - t
 
     # 5. mini-batch updates over whole prompt groups
+    from megatron_rlvr.schedule import set_lr
+
     first_update = (step - 1) * algo.ppo_epochs * algo.mini_batches + 1
-    lr = set_lr(models.optimizer, cfg.train.optimizer.lr, cfg.train.optimizer.warmup_steps, first_update)
+    total_updates = cfg.train.steps * algo.ppo_epochs * algo.mini_batches
+    lr = set_lr(models.optimizer, cfg.train.optimizer, first_update, total_updates)
     if models.value is not None:
-        set_lr(models.value_optimizer, cfg.train.value_optimizer.lr, cfg.train.value_optimizer.warmup_steps,
-               first_update)
+        set_lr(models.value_optimizer, cfg.train.value_optimizer, first_update, total_updates)
     def mini_batches(rows: RolloutBatch, share: range, epoch: int):
         """The rows of each mini-batch: whole prompt groups, in an order drawn per step and epoch."""
         of_row = torch.tensor(rows.group_ids) - share.start
