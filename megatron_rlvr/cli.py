@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megatron_rlvr.commands.train", "run RLVR training from a YAML config"),
     "sft": ("megatron_rlvr.commands.sft", "supervised warm start on response tokens"),
+    "dpo": ("megatron_rlvr.commands.dpo", "DPO on preference pairs; --make-pairs makes them with the verifiers"),
     "convert": ("megatron_rlvr.commands.convert", "convert checkpoints between HF and megatron layouts"),
     "bench": ("megatron_rlvr.commands.bench", "benchmarks: kernels, sync, train, partition, rewards"),
     "plan": ("megatron_rlvr.commands.plan", "predict memory and step time of a layout"),

@@ -89,7 +89,8 @@ class ParallelConfig:
 @dataclasses.dataclass
 class DataConfig:
     train_files: list[str] = dataclasses.field(default_factory=list)
-    """open-instruct RLVR records (JSONL or Parquet): messages, ground_truth, dataset."""
+    """open-instruct RLVR records (JSONL or Parquet): messages, ground_truth, dataset; `builtin:NAME` is a set
+    shipped with the package (megatron_rlvr/data/builtin: ifeval-train.jsonl, ifeval-heldout.jsonl)."""
     eval_files: list[str] = dataclasses.field(default_factory=list)
     """Held-out records scored every `train.eval_interval` steps (greedy decoding)."""
     chat_template: str = "tokenizer"
@@ -123,6 +124,13 @@ class RolloutConfig:
     """vllm on CPU: keep vLLM's linear weights plain (torch's F.linear) instead of oneDNN-packed copies, so a sync
     writes them in place (colocated, training TP 1 or equal to the rollout TP) or loads them without re-packing
     (split); see docs/sync.md. No effect on GPUs."""
+    sync_probe_interval: int = 0
+    """vllm: every sync is followed by an exact check (per-tensor checksums of vLLM's weights against the
+    trainer's); the log-prob probe (does vLLM compute what the trainer computes) runs after the first sync and
+    then after every N-th (0: first sync only). See docs/sync.md."""
+    sync_probe_atol: float | None = None
+    """vllm: largest log-prob difference the probe accepts; null: by dtype (float32 1e-3, bfloat16 0.25), set
+    from the differences measured with identical weights (docs/benchmarks.md)."""
     one_step_off_policy: bool = False
     """split layout: the rollout ranks generate (and rank 0 scores) step n+1's samples with the weights of step
     n-1 while the trainer ranks train on step n's, so generation and training overlap; the update's importance
@@ -165,6 +173,23 @@ class AlgorithmConfig:
     """PPO value clip range."""
     value_loss_coef: float = 0.1
     """Scales the value loss (the value model has its own optimizer; this is its loss scale)."""
+    clip_ratio_c: float | None = None
+    """Dual-clip constant c > 1 (typically 3): for negative advantages the token loss is capped at -c * A, so a
+    huge ratio cannot blow up the update (Ye et al., 2020); None: off."""
+    rollout_correction: str = "none"
+    """Correction for the gap between the rollout engine's sampling log-probs and the trainer's (other kernels,
+    precision, or one-step-off weights): none, tis (token weight min(pi_old / pi_rollout, C)) or mis (tokens or
+    sequences, see rollout_mis_level, whose ratio leaves [1/C, C] get no loss); see algorithms/correction.py."""
+    rollout_is_cap: float = 2.0
+    """C of rollout_correction (> 1)."""
+    rollout_mis_level: str = "token"
+    """mis only: token (mask single tokens) or sequence (mask a response whose product of ratios leaves the band)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: prompt groups whose rewards are all equal (zero advantage, no gradient) are dropped
+    and more prompts sampled until train.prompts_per_step informative groups are in hand."""
+    dynamic_sampling_max_rounds: int = 4
+    """Generation rounds one step may take for dynamic sampling; after that the batch is filled up with the
+    uninformative groups of those rounds (logged, and counted in rollout/dynamic_sampling_filled)."""
 
 
 @dataclasses.dataclass
@@ -218,6 +243,11 @@ class RewardSettings:
     format_pattern: str | None = None
     """Regular expression a response must match to earn format_reward."""
     format_reward: float = 0.0
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment: a finished response within this many tokens of rollout.max_tokens loses up
+    to overlong_penalty, linearly (0: off)."""
+    overlong_penalty: float = 1.0
+    """The overlong punishment at rollout.max_tokens."""
     workers: int = 2
     """Verifier worker processes."""
     timeout_s: float = 10.0
@@ -357,7 +387,24 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> JobConfig:
     tree = copy.deepcopy(dict(data or {}))
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
+    _resolve_builtin(tree)
     return _build(JobConfig, tree)
+
+
+# `builtin:NAME` in data.train_files / data.eval_files names a prompt set shipped inside the package
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "builtin")
+
+
+def _resolve_builtin(tree: dict) -> None:
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("train_files", "eval_files"):
+        files = data.get(key)
+        if isinstance(files, list):
+            data[key] = [os.path.join(BUILTIN_DATA_DIR, f[len(BUILTIN_PREFIX):])
+                         if isinstance(f, str) and f.startswith(BUILTIN_PREFIX) else f for f in files]
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> JobConfig:
@@ -377,8 +424,8 @@ def load_config(path: str | None, overrides: list[str] = ()) -> JobConfig:
 _PATH_KEYS = (("model", "path"), ("model", "value_path"), ("data", "train_files"), ("data", "eval_files"))
 
 
-def _resolve_relative(data: dict, base: str) -> dict:
-    for section, key in _PATH_KEYS:
+def _resolve_relative(data: dict, base: str, keys=_PATH_KEYS) -> dict:
+    for section, key in keys:
         node = data.get(section)
         if not isinstance(node, dict) or key not in node:
             continue
@@ -402,6 +449,8 @@ _CHOICES = {
     "algorithm.kl_mode": ("loss", "reward"),
     "algorithm.kl_estimator": ("k1", "k2", "k3"),
     "data.on_malformed": ("fail", "skip"),
+    "algorithm.rollout_correction": ("none", "tis", "mis"),
+    "algorithm.rollout_mis_level": ("token", "sequence"),
     "train.optimizer.name": ("adam", "sgd"),
     "train.value_optimizer.name": ("adam", "sgd"),
 }
@@ -558,12 +607,28 @@ def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool
     if algo.advantage_estimator not in ("reinforce_plus_plus", "gae") and cfg.rollout.n < 2:
         raise ConfigError(f"algorithm.advantage_estimator={algo.advantage_estimator!r} compares samples of the "
                           f"same prompt: set rollout.n >= 2 (got {cfg.rollout.n})")
+    if algo.clip_ratio_c is not None and algo.clip_ratio_c <= 1:
+        raise ConfigError(f"algorithm.clip_ratio_c={algo.clip_ratio_c} must be > 1 (typically 3), or null for no "
+                          "dual clip")
+    if algo.rollout_correction != "none" and algo.rollout_is_cap <= 1:
+        raise ConfigError(f"algorithm.rollout_is_cap={algo.rollout_is_cap} must be > 1: the importance ratio is "
+                          "kept inside [1/C, C] (typical: 2)")
+    if cfg.reward.overlong_buffer > cfg.rollout.max_tokens:
+        raise ConfigError(f"reward.overlong_buffer={cfg.reward.overlong_buffer} must be at most rollout.max_tokens="
+                          f"{cfg.rollout.max_tokens} (the punishment ramps up over the last overlong_buffer tokens)")
+    if algo.dynamic_sampling:
+        if algo.dynamic_sampling_max_rounds < 1:
+            raise ConfigError(f"algorithm.dynamic_sampling_max_rounds={algo.dynamic_sampling_max_rounds} must be >= 1")
+        if cfg.rollout.one_step_off_policy:
+            raise ConfigError("algorithm.dynamic_sampling=true cannot be combined with rollout.one_step_off_policy="
+                              "true (the next step's prompts are drawn before this step's rewards are known); turn "
+                              "one of them off")
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1; set it to false")
     try:
         from megatron_rlvr.rewards import RewardConfig
 
-        RewardConfig(**{f.name: getattr(cfg.reward, f.name) for f in dataclasses.fields(RewardConfig)})
+        RewardConfig.from_settings(cfg.reward)
     except ValueError as err:
         raise ConfigError(f"reward: {err}") from None
 
