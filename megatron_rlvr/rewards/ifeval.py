@@ -1,233 +1,166 @@
-"""IFEval-style instruction following (open-instruct `dataset: ifeval`, the RLVR-IFeval records).
+"""IFEval instruction following (open-instruct `dataset: ifeval` and `ifeval_old`).
 
-The ground truth is a JSON object `{"func_name": NAME, ARG: VALUE, ...}`; null arguments are dropped and the
-rest are passed by keyword to the constraint function NAME, one of the 25 below. Each function follows the
-semantics of the function of the same name in open-instruct's `open_instruct/if_functions.py` (the checker the
-Tülu 3 RLVR data was built for), with its argument names. As there, the response is first stripped of any
-reasoning before the last `</think>` and of `<answer>` tags. Where open-instruct would crash or silently return
-False on a malformed constraint (unknown function, missing or unexpected argument, an unknown quantifier, a
-multi-letter "letter") this raises `RecordError` instead: it is the record that is wrong, not the response.
+Two ground-truth formats, both as open-instruct writes them (a JSON string, a Python-literal string as in
+open-instruct's Hugging Face data, or the decoded object):
+
+- the instruction list (open-instruct's current RLVR data, dataset `ifeval`):
+  `[{"instruction_id": ["punctuation:no_comma", "length_constraints:number_words"],
+     "kwargs": [null, {"num_words": 300, "relation": "at least"}]}]`, IFEval's own ids and argument names;
+- the older single function (Tülu 3's RLVR-IFeval, dataset `ifeval_old`):
+  `{"func_name": "validate_word_constraint", "N": 300, "quantifier": "at least", "end_phrase": null}`, one of
+  the 25 function names of open-instruct's `if_functions.py`, each the same check as an IFEval instruction
+  (`OLDER_FUNCTIONS`).
+
+`ifeval` accepts both (told apart by the `func_name` key), `ifeval_old` only the second. Null arguments are
+dropped. Every instruction is checked by IFEval's official rule (`ifeval_instructions`), also for the older
+format: where open-instruct's training-time functions differ (forbidden words matched inside other words,
+case-sensitive end phrases and first words, JSON without its code fence, exact keyword counts, paragraphs split
+on `* * *`, all-caps without the English requirement, ...), the official rule wins. Arguments the older format
+has and IFEval does not keep their open-instruct meaning: `quantifier` "at most" and "around", the options of
+`validate_choice`, and "exactly" as the relation of keyword and letter counts that name none.
+
+Score: the fraction of the prompt's instructions the response follows, as open-instruct's IFEval verifier
+scores it (IFEval's instruction-level accuracy; its prompt-level strict accuracy would be 1 only when all are
+followed). As in open-instruct the response is first stripped of any reasoning before the last `</think>` and of
+`<answer>` tags, and a response with nothing left scores 0. A malformed ground truth (unknown instruction or
+function, missing or unexpected argument, unknown relation) raises `RecordError`.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import json
-import re
 from typing import Any, Callable
 
-from megatron_rlvr.registry import Registry
+from megatron_rlvr.rewards.ifeval_instructions import INSTRUCTIONS
 from megatron_rlvr.rewards.registry import RecordError, register_verifier
 
-IFEVAL_FUNCTIONS = Registry("IFEval function")
-_constraint = IFEVAL_FUNCTIONS.register
+# func_name -> (IFEval instruction id, {older argument: IFEval argument}).
+OLDER_FUNCTIONS: dict[str, tuple[str, dict[str, str]]] = {
+    "verify_keywords": ("keywords:existence", {"keyword_list": "keywords"}),
+    "verify_keyword_frequency": ("keywords:frequency",
+                                 {"word": "keyword", "N": "frequency", "quantifier": "relation", "relation": "relation"}),
+    "validate_forbidden_words": ("keywords:forbidden_words", {"forbidden_words": "forbidden_words"}),
+    "verify_letter_frequency": ("keywords:letter_frequency", {"letter": "letter", "N": "let_frequency",
+                                                              "quantifier": "let_relation", "relation": "let_relation"}),
+    "validate_response_language": ("language:response_language", {"language": "language"}),
+    "verify_paragraph_count": ("length_constraints:number_paragraphs", {"N": "num_paragraphs"}),
+    "validate_word_constraint": ("length_constraints:number_words", {"N": "num_words", "quantifier": "relation"}),
+    "verify_sentence_constraint": ("length_constraints:number_sentences",
+                                   {"N": "num_sentences", "quantifier": "relation"}),
+    "validate_paragraphs": ("length_constraints:nth_paragraph_first_word",
+                            {"N": "num_paragraphs", "i": "nth_paragraph", "first_word": "first_word"}),
+    "verify_postscript": ("detectable_content:postscript", {"postscript_marker": "postscript_marker"}),
+    "validate_placeholders": ("detectable_content:number_placeholders", {"N": "num_placeholders"}),
+    "verify_bullet_points": ("detectable_format:number_bullet_lists", {"N": "num_bullets"}),
+    "validate_title": ("detectable_format:title", {}),
+    "validate_choice": ("detectable_format:constrained_response", {"options": "options"}),
+    "validate_highlighted_sections": ("detectable_format:number_highlighted_sections", {"N": "num_highlights"}),
+    "validate_sections": ("detectable_format:multiple_sections",
+                          {"N": "num_sections", "section_splitter": "section_spliter"}),
+    "validate_json_format": ("detectable_format:json_format", {}),
+    "validate_repeat_prompt": ("combination:repeat_prompt", {"original_prompt": "prompt_to_repeat"}),
+    "validate_two_responses": ("combination:two_responses", {}),
+    "validate_uppercase": ("change_case:english_capital", {}),
+    "validate_lowercase": ("change_case:english_lowercase", {}),
+    "validate_frequency_capital_words": ("change_case:capital_word_frequency",
+                                         {"N": "capital_frequency", "quantifier": "capital_relation"}),
+    "validate_end": ("startend:end_checker", {"end_phrase": "end_phrase"}),
+    "validate_quotation": ("startend:quotation", {}),
+    "validate_no_commas": ("punctuation:no_comma", {}),
+}
+# The older format states no relation for keyword and letter counts: open-instruct checks them as exact counts.
+_OLDER_DEFAULTS = {"keywords:frequency": {"relation": "exactly"}, "keywords:letter_frequency": {"let_relation": "exactly"}}
 
-QUANTIFIERS = ("at least", "around", "at most")
-
-
-def _compare_count(actual: int, N: int, quantifier: str, around_tolerance: int) -> bool:
-    """`actual` against `N` under "at least" (>=), "at most" (<=) or "around" (|actual - N| <= tolerance)."""
-    if quantifier == "at least":
-        return actual >= N
-    if quantifier == "at most":
-        return actual <= N
-    if quantifier == "around":
-        return abs(actual - N) <= around_tolerance
-    raise RecordError(f"unknown quantifier {quantifier!r}; expected one of {', '.join(QUANTIFIERS)}")
-
-
-def _ten_percent(N: int) -> int:
-    """open-instruct's "around" tolerance for word counts: 10% of N (Python rounding), at least 1."""
-    return max(round(N * 0.1), 1)
-
-
-@_constraint("verify_keywords")
-def verify_keywords(text: str, keyword_list: list) -> bool:
-    """Every keyword occurs in the text (case-insensitive substring)."""
-    lowered = text.lower()
-    return all(keyword.lower() in lowered for keyword in keyword_list)
-
-
-@_constraint("verify_keyword_frequency")
-def verify_keyword_frequency(text: str, word: str, N: int) -> bool:
-    """`word` occurs exactly N times as a whole `\\w+` token (case-insensitive)."""
-    target = word.lower()
-    return sum(token == target for token in re.findall(r"\b\w+\b", text.lower())) == N
-
-
-@_constraint("validate_forbidden_words")
-def validate_forbidden_words(text: str, forbidden_words: list) -> bool:
-    """None of the words occurs in the text (case-insensitive substring)."""
-    lowered = text.lower()
-    return not any(word.lower() in lowered for word in forbidden_words)
+Instruction = tuple[str, Callable[..., bool], dict]
 
 
-@_constraint("verify_letter_frequency")
-def verify_letter_frequency(text: str, letter: str, N: int) -> bool:
-    """The (case-sensitive) character `letter` occurs exactly N times."""
-    if len(letter) != 1:
-        raise RecordError(f"verify_letter_frequency needs a single character as 'letter', got {letter!r}")
-    return text.count(letter) == N
-
-
-@functools.lru_cache(maxsize=1)
-def _langdetect():
-    import langdetect
-
-    # langdetect samples n-grams at random; a fixed seed makes the same text always get the same language.
-    langdetect.DetectorFactory.seed = 0
-    return langdetect
-
-
-@_constraint("validate_response_language")
-def validate_response_language(text: str, language: str) -> bool:
-    """langdetect's language code for the text equals `language` (e.g. "en"); text without any letters, which
-    langdetect cannot classify, fails."""
-    langdetect = _langdetect()
+def _decode(ground_truth: Any) -> Any:
+    """The ground truth as Python objects: JSON first, then a Python literal (open-instruct's HF data)."""
+    if not isinstance(ground_truth, str):
+        return ground_truth
     try:
-        return langdetect.detect(text) == language
-    except langdetect.LangDetectException:
-        return False
-
-
-@_constraint("verify_paragraph_count")
-def verify_paragraph_count(text: str, N: int) -> bool:
-    """Exactly N non-empty paragraphs separated by the markdown divider `* * *` (lines stripped first)."""
-    cleaned = "\n".join(line.strip() for line in text.splitlines()).strip()
-    paragraphs = cleaned.split("* * *")
-    return all(paragraph.strip() for paragraph in paragraphs) and len(paragraphs) == N
-
-
-@_constraint("validate_word_constraint")
-def validate_word_constraint(text: str, N: int, quantifier: str) -> bool:
-    """Whitespace-separated word count vs N; "around" allows 10% of N (at least 1)."""
-    return _compare_count(len(text.split()), N, quantifier, _ten_percent(N))
-
-
-# A sentence ends at whitespace after ".", "?" or "!", except after an abbreviation like "e.g." or "Mr.".
-_SENTENCE_BREAK = re.compile(r"(?<!\w\.\w.)(?<![A-Z][a-z]\.)(?<=[.?!])\s")
-
-
-@_constraint("verify_sentence_constraint")
-def verify_sentence_constraint(text: str, N: int, quantifier: str) -> bool:
-    """Sentence count vs N; "around" allows a difference of 1."""
-    return _compare_count(len(_SENTENCE_BREAK.split(text)), N, quantifier, 1)
-
-
-@_constraint("validate_paragraphs")
-def validate_paragraphs(text: str, N: int, first_word: str, i: int) -> bool:
-    """Exactly N paragraphs separated by a blank line ("\\n\\n"), the i-th (1-based) starting with `first_word`."""
-    if not 1 <= i <= N:
-        raise RecordError(f"validate_paragraphs: paragraph index i={i} is outside 1..N={N}")
-    paragraphs = text.split("\n\n")
-    return len(paragraphs) == N and paragraphs[i - 1].strip().startswith(first_word)
-
-
-@_constraint("verify_postscript")
-def verify_postscript(text: str, postscript_marker: str) -> bool:
-    """The marker (e.g. "P.S.") occurs and is followed by some text."""
-    start = text.find(postscript_marker)
-    return start >= 0 and len(text[start:].strip()) > len(postscript_marker)
-
-
-@_constraint("validate_placeholders")
-def validate_placeholders(text: str, N: int) -> bool:
-    """At least N square-bracket placeholders such as `[address]`."""
-    return len(re.findall(r"\[(.*?)\]", text)) >= N
-
-
-@_constraint("verify_bullet_points")
-def verify_bullet_points(text: str, N: int) -> bool:
-    """Exactly N lines that start (after indentation) with a markdown bullet, `*` or `-`."""
-    return sum(line.strip().startswith(("*", "-")) for line in text.split("\n")) == N
-
-
-@_constraint("validate_title")
-def validate_title(text: str) -> bool:
-    """A title in double angular brackets, `<<like this>>`, on one line."""
-    return re.search(r"<<(.*?)>>", text) is not None
-
-
-@_constraint("validate_choice")
-def validate_choice(text: str, options: list) -> bool:
-    """One of the options occurs in the text (plain substring, as in open-instruct)."""
-    return any(option in text for option in options)
-
-
-@_constraint("validate_highlighted_sections")
-def validate_highlighted_sections(text: str, N: int) -> bool:
-    """At least N markdown highlights `*like this*` (non-greedy `\\*(.*?)\\*` matches)."""
-    return len(re.findall(r"\*(.*?)\*", text)) >= N
-
-
-@_constraint("validate_sections")
-def validate_sections(text: str, N: int, section_splitter: str) -> bool:
-    """At least N numbered section headers: the splitter followed by a number, e.g. "Section 1", "SECTION 2"
-    (case-insensitive)."""
-    header = re.compile(r"\s?" + re.escape(section_splitter) + r"\s?\d+\s?", re.IGNORECASE)
-    return len(header.split(text)) - 1 >= N
-
-
-@_constraint("validate_json_format")
-def validate_json_format(text: str) -> bool:
-    """The whole response parses as JSON (nesting too deep for Python's parser does not count)."""
+        return json.loads(ground_truth)
+    except json.JSONDecodeError:
+        pass
     try:
-        json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return True
+        return ast.literal_eval(ground_truth)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise RecordError(f"ifeval ground truth is neither JSON nor a Python literal: {ground_truth[:200]!r}") from None
 
 
-@_constraint("validate_repeat_prompt")
-def validate_repeat_prompt(text: str, original_prompt: str) -> bool:
-    """The response starts with the prompt, unchanged."""
-    return text.startswith(original_prompt)
+def _bind(instruction_id: str, kwargs: Any) -> Instruction:
+    """(id, check, kwargs) with the arguments checked against the instruction's signature."""
+    try:
+        check = INSTRUCTIONS.get(instruction_id)
+    except ValueError as err:
+        raise RecordError(str(err)) from None
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise RecordError(f"ifeval instruction {instruction_id}: kwargs must be an object, got {kwargs!r:.200}")
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    try:
+        inspect.signature(check).bind("", **kwargs)
+    except TypeError as err:
+        params = [name for name in inspect.signature(check).parameters if name != "text"]
+        raise RecordError(f"ifeval instruction {instruction_id} takes arguments {params}, got {sorted(kwargs)}: "
+                          f"{err}") from None
+    return instruction_id, check, kwargs
 
 
-@_constraint("validate_two_responses")
-def validate_two_responses(text: str) -> bool:
-    """Exactly one `******` separator, between two different (after stripping) responses."""
-    if text.count("******") != 1:
-        return False
-    first, second = (part.strip() for part in text.split("******"))
-    return first != second
+def _older(constraint: dict) -> list[Instruction]:
+    func_name = constraint["func_name"]
+    if func_name not in OLDER_FUNCTIONS:
+        raise RecordError(f"unknown ifeval func_name {func_name!r}; known: {', '.join(sorted(OLDER_FUNCTIONS))}")
+    instruction_id, renames = OLDER_FUNCTIONS[func_name]
+    arguments = {key: value for key, value in constraint.items() if key != "func_name" and value is not None}
+    unexpected = sorted(set(arguments) - set(renames))
+    if unexpected:
+        raise RecordError(f"ifeval func_name {func_name} takes arguments {sorted(renames)}, got {unexpected} too")
+    kwargs = dict(_OLDER_DEFAULTS.get(instruction_id, {}))
+    kwargs.update({renames[key]: value for key, value in arguments.items()})
+    return [_bind(instruction_id, kwargs)]
 
 
-@_constraint("validate_uppercase")
-def validate_uppercase(text: str) -> bool:
-    """No lowercase letters: the text equals its uppercase form."""
-    return text == text.upper()
+def _newer(constraints: list) -> list[Instruction]:
+    instructions = []
+    for constraint in constraints:
+        constraint = _decode(constraint)
+        if not isinstance(constraint, dict) or "instruction_id" not in constraint:
+            raise RecordError(f"ifeval ground truth must be an object with 'func_name' (the older format) or a list "
+                              f"of objects with 'instruction_id' and 'kwargs', got {str(constraint)[:200]!r}")
+        ids = constraint["instruction_id"]
+        ids = [ids] if isinstance(ids, str) else ids
+        kwargs_list = constraint.get("kwargs") or [None] * len(ids)
+        if not isinstance(ids, list) or not isinstance(kwargs_list, list) or len(ids) != len(kwargs_list):
+            raise RecordError(f"ifeval 'instruction_id' and 'kwargs' must be lists of equal length, got "
+                              f"{str(constraint)[:200]!r}")
+        instructions.extend(_bind(instruction_id, kwargs) for instruction_id, kwargs in zip(ids, kwargs_list))
+    if not instructions:
+        raise RecordError("ifeval ground truth names no instruction")
+    return instructions
 
 
-@_constraint("validate_lowercase")
-def validate_lowercase(text: str) -> bool:
-    """No capital letters: the text equals its lowercase form."""
-    return text == text.lower()
+@functools.lru_cache(maxsize=4096)
+def _parse_text(ground_truth: str, allow_newer: bool) -> tuple[Instruction, ...]:
+    return tuple(parse_instructions(_decode(ground_truth), allow_newer))
 
 
-@_constraint("validate_frequency_capital_words")
-def validate_frequency_capital_words(text: str, N: int, quantifier: str) -> bool:
-    """Count of all-capital ASCII words (`\\b[A-Z]+\\b`) vs N; "around" allows 10% of N (at least 1)."""
-    return _compare_count(len(re.findall(r"\b[A-Z]+\b", text)), N, quantifier, _ten_percent(N))
-
-
-@_constraint("validate_end")
-def validate_end(text: str, end_phrase: str) -> bool:
-    """The response ends with exactly this phrase."""
-    return text.endswith(end_phrase)
-
-
-@_constraint("validate_quotation")
-def validate_quotation(text: str) -> bool:
-    """The whole response is wrapped in double quotation marks."""
-    return text.startswith('"') and text.endswith('"')
-
-
-@_constraint("validate_no_commas")
-def validate_no_commas(text: str) -> bool:
-    """No commas at all."""
-    return "," not in text
+def parse_instructions(ground_truth: Any, allow_newer: bool = True) -> list[Instruction]:
+    """The (instruction id, check, kwargs) list of a ground truth in either format (module docstring)."""
+    if isinstance(ground_truth, str):
+        return list(_parse_text(ground_truth, allow_newer))
+    if isinstance(ground_truth, dict) and "func_name" in ground_truth:
+        return _older(ground_truth)
+    if allow_newer and isinstance(ground_truth, (list, dict)):
+        return _newer(ground_truth if isinstance(ground_truth, list) else [ground_truth])
+    expected = "a JSON object with a 'func_name' key" + (
+        " or a list of {'instruction_id': [...], 'kwargs': [...]} objects" if allow_newer else
+        " (the instruction-list format is dataset 'ifeval')")
+    raise RecordError(f"ifeval ground truth must be {expected}, got {str(ground_truth)[:200]!r}")
 
 
 def strip_reasoning(response: str) -> str:
@@ -236,32 +169,21 @@ def strip_reasoning(response: str) -> str:
     return answer.replace("<answer>", "").replace("</answer>", "").strip()
 
 
-def parse_constraint(ground_truth: Any) -> tuple[Callable[..., bool], dict]:
-    """(function, keyword arguments) from an IFEval ground truth: a JSON object string, or the dict itself."""
-    if isinstance(ground_truth, str):
-        try:
-            ground_truth = json.loads(ground_truth)
-        except json.JSONDecodeError as err:
-            raise RecordError(f"ifeval ground truth is not valid JSON ({err}): {ground_truth[:200]!r}") from None
-    if not isinstance(ground_truth, dict) or "func_name" not in ground_truth:
-        raise RecordError(f"ifeval ground truth must be a JSON object with a 'func_name' key, got "
-                          f"{str(ground_truth)[:200]!r}")
-    kwargs = {key: value for key, value in ground_truth.items() if key != "func_name" and value is not None}
-    try:
-        function = IFEVAL_FUNCTIONS.get(ground_truth["func_name"])
-    except ValueError as err:
-        raise RecordError(str(err)) from None
-    try:
-        inspect.signature(function).bind("", **kwargs)
-    except TypeError as err:
-        params = [name for name in inspect.signature(function).parameters if name != "text"]
-        raise RecordError(f"ifeval constraint {ground_truth['func_name']} takes arguments {params}, got "
-                          f"{sorted(kwargs)}: {err}") from None
-    return function, kwargs
+def score_instructions(prediction: str, instructions: list[Instruction]) -> float:
+    """Fraction of the instructions the answer part of `prediction` follows (0 when there is no answer)."""
+    answer = strip_reasoning(prediction)
+    if not answer:
+        return 0.0
+    return sum(bool(check(answer, **kwargs)) for _, check, kwargs in instructions) / len(instructions)
 
 
 @register_verifier("ifeval")
 def verify_ifeval(prediction: str, ground_truth: Any) -> float:
-    """1.0 when the response satisfies the constraint named by the ground truth, else 0.0."""
-    function, kwargs = parse_constraint(ground_truth)
-    return float(bool(function(strip_reasoning(prediction), **kwargs)))
+    """Fraction of the ground truth's instructions followed; either format (module docstring)."""
+    return score_instructions(prediction, parse_instructions(ground_truth))
+
+
+@register_verifier("ifeval_old")
+def verify_ifeval_old(prediction: str, ground_truth: Any) -> float:
+    """1.0 when the response follows the `func_name` constraint, else 0.0 (open-instruct's `ifeval_old`)."""
+    return score_instructions(prediction, parse_instructions(ground_truth, allow_newer=False))

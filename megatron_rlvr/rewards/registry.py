@@ -42,11 +42,16 @@ def get_verifier(dataset: str) -> Verifier:
 
 
 def run_verifier(dataset: str, prediction: str, ground_truth: Any) -> float:
-    """Score one response in this process, with no time limit (use `verify` or `RewardPool` for that)."""
+    """Score one response in this process, with no time limit (use `verify` or `RewardPool` for that).
+
+    An empty or whitespace-only response scores 0 whatever the verifier says: "no commas" or "all lowercase"
+    hold for nothing at all, and a policy rewarded for saying nothing learns to say nothing. The verifier still
+    runs on it, so a malformed ground truth is reported all the same.
+    """
     verifier = get_verifier(dataset)
     if not isinstance(prediction, str):
         raise RecordError(f"prediction must be a string, got {type(prediction).__name__}")
     score = float(verifier(prediction, ground_truth))
     if not 0.0 <= score <= 1.0:
         raise RuntimeError(f"verifier {dataset!r} returned {score}, outside [0, 1]: fix the verifier")
-    return score
+    return score if prediction.strip() else 0.0
