@@ -45,6 +45,9 @@ class Platform:
     def reset_peak_memory(self) -> None:
         """Start a new peak-memory window."""
 
+    def empty_cache(self) -> None:
+        """Return freed blocks held by the device's caching allocator (after a KV cache is dropped)."""
+
 
 class CudaPlatform(Platform):
     name = "cuda"
@@ -67,6 +70,9 @@ class CudaPlatform(Platform):
 
     def reset_peak_memory(self) -> None:
         torch.cuda.reset_peak_memory_stats()
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
 
 
 def _is_cuda_device(device) -> bool:

@@ -33,6 +33,12 @@ def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return (same & causal) | torch.eye(total, dtype=torch.bool, device=cu_seqlens.device)
 
 
+def cached_causal_mask(sq: int, sk: int, device) -> torch.Tensor:
+    """Boolean `[sq, sk]` mask, True where allowed, for the last `sq` of `sk` positions (a KV-cached step)."""
+    rows = torch.arange(sk - sq, sk, device=device)
+    return rows[:, None] >= torch.arange(sk, device=device)[None, :]
+
+
 class SDPAttention(MegatronModule):
     """Causal self-attention through SDPA, a drop-in `core_attention` for megatron-core's SelfAttention."""
 
@@ -76,7 +82,8 @@ class SDPAttention(MegatronModule):
         """query `[sq, b, heads, d]`, key/value `[sk, b, groups, d]` -> context `[sq, b, heads*d]`.
 
         `attention_mask`, when given, is megatron's boolean mask (True = masked out), broadcastable to
-        `[b, heads, sq, sk]`; without it attention is causal.
+        `[b, heads, sq, sk]`; without it attention is causal (with sq < sk, as in a KV-cached decode step, the
+        queries are the last sq positions).
         """
         if attention_bias is not None:
             raise ValueError("SDPAttention does not take an attention bias")
@@ -90,6 +97,11 @@ class SDPAttention(MegatronModule):
             causal = False
         elif attention_mask is not None:
             mask = ~attention_mask
+            causal = False
+        elif q.shape[2] != k.shape[2]:
+            # queries that continue a KV cache (megatron's inference context): query i sits at key position
+            # sk - sq + i, so the causal mask is aligned to the bottom right, not SDPA's top-left
+            mask = cached_causal_mask(q.shape[2], k.shape[2], q.device)
             causal = False
         context = F.scaled_dot_product_attention(
             q,

@@ -1,13 +1,22 @@
-"""Rollouts with the trainer's own megatron model, for machines without vLLM (the GPU machine has none).
+"""Rollouts with the trainer's own megatron model and a KV cache, for machines without vLLM (the GPU machine has none).
 
-A plain sampling loop over megatron-core's forward schedule: at each step the whole batch (prompt + tokens so
-far, right-padded) goes through the model, the logits at each row's last position are gathered over TP on the
-last pipeline stage, and the next token is drawn there and broadcast back to the other stages. No KV cache, so
-a step costs a full forward (O(T^2) over a response); that is the price of running on any TP x PP layout with
-the model exactly as trained, and fine for tests and small demos. megatron-core 0.16's own inference engine
-(`megatron.core.inference`) was not used: its static/dynamic engines and text-generation controllers assume CUDA
-(cuda graphs, CUDA memory pools for the KV cache) and a global `parallel_state`, which the split layout and the
-CPU tests do not have.
+Built on megatron-core's static inference stack: `StaticInferenceContext` holds the KV cache (megatron's attention
+writes each step's keys and values into it and attends over the cached prefix), and `GPTInferenceWrapper` runs one
+forward step over any TP x PP layout (activations sent stage to stage, logits gathered over TP on the last stage).
+The decode loop, the sampling and the stop rules are ours, so the engine keeps the `RolloutEngine` interface and
+records the sampled tokens' log-probs under the sampling distribution, which megatron's text-generation
+controller does not (it reports temperature-1 log-probs, stops on a single end-of-document id and needs a
+tokenizer object).
+
+A batch is the prompts left-padded to the longest: one prefill over `[b, P]` with a causal mask that hides the
+padding, then one token per row and step, each step attending over the cache through a key mask. RoPE depends only
+on the distance between positions, so a row shifted right by its padding computes what it would alone. Finished
+rows keep stepping (on the pad token) until every row is done: static batching.
+
+Not used from megatron-core 0.16.1, and why: the dynamic engine (`DynamicInferenceContext`, paged KV blocks) runs
+its attention through flash-attn's `flash_attn_varlen_func` / `flash_attn_with_kvcache`, and static-batch CUDA
+graphs require `flash_decode` (flash-attn too); neither machine has flash-attn, so both would fail at the first
+step. The static context and the wrapper run with our SDPA core attention on CPU and GPU alike.
 
 Sampling follows vLLM's `processed_logprobs`: logits / temperature, top-p filter, renormalised; the recorded
 log-prob is that of the drawn token under this distribution (temperature 0: greedy, log-prob at temperature 1).
@@ -15,15 +24,18 @@ log-prob is that of the drawn token under this distribution (temperature 0: gree
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from megatron_rlvr.models.forward import broadcast_from_last_stage
 from megatron_rlvr.models.llama import LlamaArch
@@ -65,8 +77,22 @@ def sample_next(
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def prefill_mask(key_valid: torch.Tensor) -> torch.Tensor:
+    """megatron's boolean attention mask (True = hidden) `[b, 1, P, P]` for left-padded prompts: causal, padding
+    hidden; a padding query sees itself only, so no softmax row is empty."""
+    width = key_valid.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=key_valid.device).tril()
+    allowed = causal & key_valid[:, None, :]
+    allowed |= torch.eye(width, dtype=torch.bool, device=key_valid.device)
+    return ~allowed[:, None]
+
+
 class MegatronEngine:
-    """`RolloutEngine` over the trainer's megatron model; collective over all ranks of the model."""
+    """`RolloutEngine` over the trainer's megatron model; collective over all ranks of the model.
+
+    The KV cache is megatron-core's `StaticInferenceContext`, kept between `generate` calls (reused while the
+    batch and length fit) and dropped by `sleep`, so training never runs next to it.
+    """
 
     def __init__(self, model: torch.nn.Module, pg: ProcessGroupCollection, arch: LlamaArch,
                  eos_ids: tuple[int, ...] = (), *, pad_id: int = 0):
@@ -75,74 +101,129 @@ class MegatronEngine:
         self.arch = arch
         self.eos_ids = tuple(eos_ids)
         self.pad_id = pad_id
+        self._context: StaticInferenceContext | None = None
+        self.timings: dict[str, float] = {}
+        """seconds of the last `_sample` call: `prefill_s` (prompt forward and first token), `decode_s`, and
+        `decode_steps` (the steps after the first token)"""
 
-    @torch.no_grad()
-    def _last_logits(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
-        """Full-vocab logits `[b, V]` at position lengths-1 of each row, on the last stage (None elsewhere)."""
-        pg = self.pg
-        tp = pg.tp.size()
+    # -- the KV cache
 
-        def loss_func(output):
-            local = output[torch.arange(output.shape[0]), lengths - 1].float()  # [b, V/TP]
-            if tp > 1:
-                parts = [torch.empty_like(local) for _ in range(tp)]
-                dist.all_gather(parts, local.contiguous(), group=pg.tp)
-                local = torch.cat(parts, dim=-1)
-            return local.sum() * 0, torch.tensor(1), {"logits": local[:, : self.arch.vocab_size]}
+    def kv_cache_bytes(self) -> int:
+        """Bytes this rank's KV cache holds now (0 after `sleep`)."""
+        if self._context is None:
+            return 0
+        return sum(t.numel() * t.element_size() for kv in self._context.key_value_memory_dict.values() for t in kv)
 
-        def forward_step(data_iterator, model):
-            batch = next(data_iterator)
-            positions = torch.arange(batch.shape[1], device=batch.device).unsqueeze(0).expand(batch.shape[0], -1)
-            return model(batch, positions, None), loss_func
+    def _context_for(self, batch: int, length: int) -> StaticInferenceContext:
+        ctx = self._context
+        if ctx is None or ctx.max_batch_size < batch or ctx.max_sequence_length < length:
+            # drop the old buffers before the new ones are allocated at the first forward
+            self._context = None
+            current_platform().empty_cache()
+            ctx = self._context = StaticInferenceContext(batch, length)
+        return ctx
 
-        out = get_forward_backward_func(pp_size=pg.pp.size())(
-            forward_step_func=forward_step, data_iterator=iter([tokens]), model=self.model, num_microbatches=1,
-            seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True, pg_collection=pg,
-            p2p_communicator=P2PCommunicator(pp_group=pg.pp, config=unwrap(self.model).config),
+    # -- one forward step
+
+    def _wrapper(self, gpt, ctx: StaticInferenceContext) -> GPTInferenceWrapper:
+        config = InferenceWrapperConfig(
+            hidden_size=self.arch.hidden_size,
+            params_dtype=gpt.config.params_dtype,
+            # no micro-batching of a step over the pipeline: the attention mask is per row of the whole batch
+            inference_batch_times_seqlen_threshold=-1,
+            padded_vocab_size=gpt.vocab_size,
+            inference_max_requests=ctx.max_batch_size,
+            inference_max_seq_length=ctx.max_sequence_length,
         )
-        return out[0]["logits"] if pg.pp.rank() == pg.pp.size() - 1 else None
+        return GPTInferenceWrapper(gpt, config, ctx, pg_collection=self.pg)
 
-    @torch.no_grad()
+    @contextlib.contextmanager
+    def _inference_mode(self, gpt):
+        """eval mode and no sequence parallelism (a one-token step cannot be split over TP ranks) while sampling;
+        the model is handed back to the trainer as it came."""
+        was_training, sequence_parallel = gpt.training, gpt.config.sequence_parallel
+        if sequence_parallel:
+            set_model_to_sequence_parallel(gpt, False)
+        try:
+            yield
+        finally:
+            if sequence_parallel:
+                set_model_to_sequence_parallel(gpt, True)
+            gpt.train(was_training)
+
+    def _draw(self, wrapper, tokens, mask, sampling, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward step over `tokens [b, s]` (the cache holds what came before) and one token per row drawn
+        on the last stage from its last position; every stage gets (tokens [b], log-probs [b])."""
+        b, s = tokens.shape
+        positions = torch.arange(s, device=tokens.device).expand(b, -1)
+        logits = wrapper.run_one_forward_step({"tokens": tokens, "position_ids": positions, "attention_mask": mask})
+        drawn = None
+        if self.pg.pp.rank() == self.pg.pp.size() - 1:
+            nxt, lp = sample_next(logits[:, -1, : self.arch.vocab_size], sampling.temperature, sampling.top_p,
+                                  generator)
+            drawn = torch.stack([nxt.double(), lp.double()])
+        drawn = broadcast_from_last_stage(drawn, (2, b), torch.float64, self.pg)
+        return drawn[0].long(), drawn[1].float()
+
+    @torch.inference_mode()
     def _sample(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[tuple]:
-        device = current_platform().device()
+        platform = current_platform()
+        device = platform.device()
         rows = [p for p in prompts for _ in range(sampling.n)]
         b = len(rows)
         if b == 0:
             return []
-        width = max(len(p) for p in rows) + sampling.max_tokens
-        tokens = torch.full((b, width), self.pad_id, dtype=torch.long, device=device)
+        width = max(len(p) for p in rows)
+        total = width + sampling.max_tokens
+        if total > self.arch.max_position_embeddings:
+            raise ValueError(f"megatron rollout: longest prompt ({width}) + max_tokens ({sampling.max_tokens}) = "
+                             f"{total} exceeds the model's max_position_embeddings={self.arch.max_position_embeddings};"
+                             " lower rollout.max_tokens or data.max_prompt_length")
+        prompt = torch.full((b, width), self.pad_id, dtype=torch.long, device=device)
+        key_valid = torch.ones(b, total, dtype=torch.bool, device=device)
         for i, p in enumerate(rows):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        lengths = torch.tensor([len(p) for p in rows], device=device)
-        start = lengths.clone()
+            prompt[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            key_valid[i, : width - len(p)] = False
+        response = torch.full((b, sampling.max_tokens), self.pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(b, sampling.max_tokens, device=device)
+        lengths = torch.zeros(b, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
         stops = torch.tensor(sorted(set(self.eos_ids) | set(sampling.stop_token_ids)) or [-1], device=device)
         generator = torch.Generator(device=device).manual_seed(seed)
-        for step in range(sampling.max_tokens):
-            logits = self._last_logits(tokens[:, : int(lengths.max())], lengths)
-            drawn = torch.empty(2, b, device=device)
-            if logits is not None:
-                nxt, lp = sample_next(logits, sampling.temperature, sampling.top_p, generator)
-                drawn = torch.stack([nxt.float(), lp])
-            drawn = broadcast_from_last_stage(drawn, drawn.shape, drawn.dtype, self.pg)
-            nxt, lp = drawn[0].long(), drawn[1]
-            live = ~done
-            rows_live = live.nonzero().squeeze(-1)
-            tokens[rows_live, lengths[rows_live]] = nxt[rows_live]
-            logprobs[rows_live, step] = lp[rows_live]
-            lengths = lengths + live.long()
-            hit = live & torch.isin(nxt, stops)
-            finished |= hit
-            done |= hit
-            if bool(done.all()):
-                break
+
+        gpt = unwrap(self.model)
+        ctx = self._context_for(b, total)
+        wrapper = self._wrapper(gpt, ctx)
+        with self._inference_mode(gpt):
+            wrapper.prep_model_for_inference()  # eval mode, cache offsets reset
+            platform.synchronize()
+            start = time.perf_counter()
+            step_tokens, mask = prompt, prefill_mask(key_valid[:, :width])
+            steps = 0
+            for step in range(sampling.max_tokens):
+                nxt, lp = self._draw(wrapper, step_tokens, mask, sampling, generator)
+                if step == 0:
+                    platform.synchronize()
+                    first = time.perf_counter()
+                    ctx.enable_decode_mode()
+                live = ~done
+                response[live, step] = nxt[live]
+                logprobs[live, step] = lp[live]
+                lengths += live.long()
+                done |= live & torch.isin(nxt, stops)
+                if bool(done.all()):
+                    break
+                steps += 1
+                step_tokens = torch.where(done, self.pad_id, nxt)[:, None]
+                mask = ~key_valid[:, None, None, : width + step + 1]
+            platform.synchronize()
+            end = time.perf_counter()
+        self.timings = {"prefill_s": first - start, "decode_s": end - first, "decode_steps": steps}
         out = []
         for i in range(b):
-            n_new = int(lengths[i] - start[i])
-            out.append((tokens[i, int(start[i]) : int(lengths[i])].tolist(), logprobs[i, :n_new].tolist(),
-                        bool(finished[i])))
+            n = int(lengths[i])
+            ids = response[i, :n].tolist()
+            out.append((ids, logprobs[i, :n].tolist(), bool(n) and ids[-1] in set(stops.tolist())))
         return out
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Sample]:
@@ -169,10 +250,13 @@ class MegatronEngine:
         return SyncStats(bytes=0, seconds=time.perf_counter() - start, verified=True)
 
     def sleep(self) -> None:
-        """Nothing to release: no KV cache is kept between calls."""
+        """Release the KV cache (and, on a GPU, return its blocks from the caching allocator) for training."""
+        self._context = None
+        current_platform().empty_cache()
 
     def wake(self) -> None:
-        """Nothing to take back."""
+        """Nothing to take back: the KV cache is allocated again by the first forward step of `generate`."""
 
     def close(self) -> None:
-        """The model belongs to the trainer: nothing to release."""
+        """The model belongs to the trainer: only the KV cache is the engine's."""
+        self.sleep()
