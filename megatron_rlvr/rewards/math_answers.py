@@ -3,8 +3,9 @@
 Extraction, first that applies: the last `\\boxed{...}` or `\\fbox{...}` (nested braces; `\\boxed 5` too), else
 the text after the last "final answer is", else the last `$...$` span. A response with none has no answer.
 
-Equivalence, first that says yes: the normalized strings are equal; math-verify (`math_verify.parse` +
-`math_verify.verify`, the field's reference grader); a sympy comparison of the normalized answers. The sympy
+Equivalence: never when both answers state a base or a unit and these differ (`math_markers`: the checks below
+drop subscripts and units); otherwise, first that says yes: the normalized strings are equal; math-verify
+(`math_verify.parse` + `math_verify.verify`, the field's reference grader); a sympy comparison of the normalized answers. The sympy
 pass exists because math-verify rejects a few forms graders accept (`0.\\overline{3}` vs `\\frac{1}{3}`, a
 sentence-final `5.`), and it keeps working on answers whose LaTeX math-verify's extraction regexes miss.
 
@@ -20,6 +21,7 @@ import logging
 import re
 from typing import Any
 
+from megatron_rlvr.rewards.math_markers import markers_conflict
 from megatron_rlvr.rewards.registry import RecordError, register_verifier
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
@@ -299,6 +301,8 @@ def math_verify_equal(answer: str, gold: str) -> bool:
 
 def math_equal(answer: str, gold: str) -> bool:
     """Whether an extracted answer is mathematically equivalent to the reference (module docstring)."""
+    if markers_conflict(answer, gold):
+        return False
     return (
         normalize_answer(answer) == normalize_answer(gold)
         or math_verify_equal(answer, gold)
