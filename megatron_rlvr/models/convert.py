@@ -116,7 +116,7 @@ def _mcore_to_hf_worker(rank, world, src, dst):
               metadata={"format": "pt"})
 
 
-class _AtomicOutput:
+class AtomicOutput:
     """A temporary sibling of `dst` that replaces it only on success (removed on failure)."""
 
     def __init__(self, dst: str):
@@ -177,7 +177,7 @@ def hf_to_mcore(src: str, dst: str, tp: int = 1, pp: int = 1, pad_vocab_multiple
     padded = arch.padded_vocab_size(tp, pad_vocab_multiple)
     with open(os.path.join(src, "config.json")) as f:
         hf_config = json.load(f)
-    with _AtomicOutput(dst) as tmp:
+    with AtomicOutput(dst) as tmp:
         _launch(_hf_to_mcore_worker, tp * pp, os.path.abspath(src), tmp, tp, split, padded)
         _write_metadata(tmp, hf_config, dtype, padded, tp, split)
         _copy_tokenizer(src, tmp)
@@ -195,7 +195,7 @@ def reshard(src: str, dst: str, tp: int = 1, pp: int = 1, *, first_stage_layers:
             f"{src}: padded vocab {meta['padded_vocab_size']} is not divisible by tp={tp}; re-convert from HF with "
             f"--pad-vocab-multiple a multiple of {tp}"
         )
-    with _AtomicOutput(dst) as tmp:
+    with AtomicOutput(dst) as tmp:
         _launch(_reshard_worker, tp * pp, os.path.abspath(src), tmp, tp, split)
         _write_metadata(tmp, meta["hf_config"], getattr(torch, meta["dtype"]), meta["padded_vocab_size"], tp, split)
         _copy_tokenizer(src, tmp)
@@ -204,7 +204,7 @@ def reshard(src: str, dst: str, tp: int = 1, pp: int = 1, *, first_stage_layers:
 def mcore_to_hf(src: str, dst: str) -> None:
     """megatron checkpoint (any TP/PP) -> HF directory (vocab padding stripped)."""
     meta = read_metadata(src)
-    with _AtomicOutput(dst) as tmp:
+    with AtomicOutput(dst) as tmp:
         _launch(_mcore_to_hf_worker, 1, os.path.abspath(src), tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta["hf_config"], f, indent=2)
