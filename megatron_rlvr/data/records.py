@@ -51,15 +51,20 @@ class RLVRRecord:
                 raise MalformedRecordError(
                     where, f"messages[{i}] must be an object with string 'role' and 'content', got {message!r:.80}"
                 )
-        if not isinstance(obj["ground_truth"], str):
+        ground_truth = obj["ground_truth"]
+        if isinstance(ground_truth, (list, dict)):
+            # A structured ground truth written as JSON rather than as a string (open-instruct's IFEval
+            # instruction lists, func_name objects): kept as its JSON text, which the verifiers decode.
+            ground_truth = json.dumps(ground_truth, ensure_ascii=False)
+        if not isinstance(ground_truth, str):
             raise MalformedRecordError(
-                where, f"'ground_truth' must be a string, got {type(obj['ground_truth']).__name__}"
+                where, f"'ground_truth' must be a string (or a JSON list/object), got {type(ground_truth).__name__}"
             )
         if not isinstance(obj["dataset"], str) or not obj["dataset"]:
             raise MalformedRecordError(where, f"'dataset' must be a non-empty verifier name, got {obj['dataset']!r}")
         return cls(
             messages=tuple({"role": m["role"], "content": m["content"]} for m in messages),
-            ground_truth=obj["ground_truth"],
+            ground_truth=ground_truth,
             dataset=obj["dataset"],
             source=where,
         )

@@ -184,3 +184,22 @@ def test_language_detection_is_deterministic():
 def test_malformed_ground_truth_raises(dataset, truth, message):
     with pytest.raises(RecordError, match=message):
         run_verifier(dataset, "some response", truth)
+
+
+def test_records_in_both_formats_load_and_score(tmp_path):
+    """open-instruct JSONL records: the instruction list as a string or as JSON, and the func_name object."""
+    from megatron_rlvr.data import read_rlvr_records
+
+    messages = [{"role": "user", "content": "Write about the sea without commas."}]
+    lines = [
+        {"messages": messages, "dataset": "ifeval", "ground_truth": NO_COMMA_300_WORDS},
+        {"messages": messages, "dataset": "ifeval", "ground_truth": json.loads(NO_COMMA_300_WORDS)},
+        {"messages": messages, "dataset": "ifeval_old", "ground_truth": older("validate_no_commas")},
+        {"messages": messages, "dataset": "ifeval", "ground_truth": {"func_name": "validate_no_commas"}},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = read_rlvr_records(path)
+    response = " ".join(["calm"] * 40)
+    assert [run_verifier(r.dataset, response, r.ground_truth) for r in records] == [1.0] * 4
+    assert [run_verifier(r.dataset, response + ",", r.ground_truth) for r in records] == [0.5, 0.5, 0.0, 0.0]
