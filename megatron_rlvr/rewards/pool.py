@@ -3,8 +3,7 @@
 Why processes: a verifier can run for ever on a hostile answer (`\\boxed{9^{9^{9^{9}}}}` makes sympy build a
 number with ~10^8 digits; deep nesting or a megabyte of LaTeX can do the same to a parser). Python cannot stop a
 thread, and SIGALRM (math-verify's own timeout) works only on a main thread; a process can be killed. So
-`RewardPool` keeps N long-lived workers (forkserver, or spawn where there is none), sends each a chunk of records,
-and gets one result back per record. Each result restarts that worker's clock; a worker silent for longer than
+`RewardPool` keeps N long-lived workers, sends each a chunk of records, and gets one result back per record. Each result restarts that worker's clock; a worker silent for longer than
 `timeout` seconds is killed, the record it was on scores 0 (logged as a warning), a fresh worker replaces it and
 the rest of its chunk is sent out again, so one pathological response costs one timeout and nothing else.
 
@@ -15,6 +14,12 @@ property of the response and scores 0 with a warning, like a timeout.
 `verify(dataset, prediction, ground_truth)` goes through one shared pool, created on first use in each process
 (`configure_default_pool` sets its size and time limit), so it never hangs either; its cost is one round trip
 to a worker, so score batches with `RewardPool.score` rather than calling `verify` in a loop.
+
+Workers are fresh interpreters running `python -m megatron_rlvr.rewards.worker` (not multiprocessing's spawn or
+forkserver children, which re-import the caller's `__main__`): a plain script or a notebook cell calls `verify`
+without an `if __name__ == "__main__"` guard, and the trainer's threads and device state are never copied. A
+worker that dies while starting is reported with the end of its own stderr (the real cause, e.g. an import
+error); each worker exits by itself when the process that started it is gone.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import collections
 import importlib
 import logging
 import math
-import multiprocessing
 import multiprocessing.connection
 import os
-import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -52,40 +59,61 @@ WARM_UP_RECORDS: tuple[Record, ...] = (
 )
 
 _OK, _RAISE, _FAILED = "ok", "raise", "failed"
+_STDERR_TAIL = 2000  # characters of a dead worker's stderr quoted in the error
 
 
-def _worker_main(conn: multiprocessing.connection.Connection, verifier_modules: tuple[str, ...]) -> None:
-    """Worker loop: import extra verifiers, warm up, say ready, then score chunks
-    `[(index, dataset, prediction, ground_truth)]`, answering `(index, status, payload)` per record; `None` or a
-    closed pipe ends it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it shuts the pool down
-    for name in verifier_modules:
-        importlib.import_module(name)
-    for record in WARM_UP_RECORDS:
+class _WorkerProcess:
+    """One verifier worker: `python -m megatron_rlvr.rewards.worker FD MODULE...` talking over a socket pair
+    (`multiprocessing.connection.Connection` on our end), its stderr kept in a temporary file."""
+
+    def __init__(self, verifier_modules: tuple[str, ...]):
+        ours, theirs = socket.socketpair()
+        self.stderr = tempfile.TemporaryFile()
+        # the worker imports what this process can: the same module search path
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
+        with theirs:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "megatron_rlvr.rewards.worker", str(theirs.fileno()), str(os.getpid()),
+                 *verifier_modules],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=self.stderr, env=env)
+        self.conn = multiprocessing.connection.Connection(ours.detach())
+        # readable once the process has exited (Linux pidfd); elsewhere the closed socket says the same
+        self.sentinel = os.pidfd_open(self.popen.pid) if hasattr(os, "pidfd_open") else self.conn
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.popen.kill()
+
+    def join(self, timeout: float | None = None) -> None:
         try:
-            run_verifier(*record)
-        except Exception:  # noqa: BLE001 - e.g. math-verify missing: reported on the first real math record
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
             pass
-    conn.send(("ready",))
-    while True:
-        try:
-            chunk = conn.recv()
-        except EOFError:
-            return
-        if chunk is None:
-            return
-        for index, dataset, prediction, ground_truth in chunk:
-            try:
-                conn.send((index, _OK, run_verifier(dataset, prediction, ground_truth)))
-            except (RecordError, ImportError) as err:
-                conn.send((index, _RAISE, f"{type(err).__name__}: {err}"))
-            except Exception as err:  # noqa: BLE001 - a response that breaks a verifier scores 0
-                conn.send((index, _FAILED, f"{type(err).__name__}: {str(err)[:300]}"))
+
+    def stderr_tail(self) -> str:
+        self.popen.wait(5)
+        self.stderr.seek(0)
+        text = self.stderr.read().decode(errors="replace").strip()
+        return text[-_STDERR_TAIL:] if text else "(it wrote nothing to stderr)"
+
+    def close(self) -> None:
+        self.conn.close()
+        self.stderr.close()
+        if self.sentinel is not self.conn:
+            os.close(self.sentinel)
 
 
 @dataclass(eq=False)
 class _Worker:
-    process: multiprocessing.process.BaseProcess
+    process: _WorkerProcess
     conn: multiprocessing.connection.Connection
     started: float
     ready: bool = False
@@ -104,12 +132,8 @@ def _stop_workers(workers: list[_Worker]) -> None:
         if worker.process.is_alive():
             worker.process.kill()
             worker.process.join()
-        worker.conn.close()
+        worker.process.close()
     workers.clear()
-
-
-def _default_start_method() -> str:
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def _describe(record: Record) -> str:
@@ -124,8 +148,6 @@ class RewardPool:
     Args:
         workers: number of worker processes (default: the CPUs this process may run on).
         timeout: seconds one record may take; past it the record scores 0 and its worker is replaced.
-        start_method: "forkserver" (default where available) or "spawn"; never "fork", which would copy a
-            trainer's threads and CUDA state into the workers. Scripts using the pool need a `__main__` guard.
         max_chunk: most records sent to a worker at once (chunks amortise the pipe round trip).
         verifier_modules: modules that register more verifiers (`@register_verifier`), imported here and in
             every worker; the built-in gsm8k, math and ifeval need none.
@@ -135,7 +157,6 @@ class RewardPool:
         self,
         workers: int | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
-        start_method: str | None = None,
         max_chunk: int = 64,
         verifier_modules: Sequence[str] = (),
     ):
@@ -146,9 +167,6 @@ class RewardPool:
             raise ValueError(f"RewardPool timeout must be a positive number of seconds, got {timeout}")
         if max_chunk < 1:
             raise ValueError(f"RewardPool max_chunk must be >= 1, got {max_chunk}")
-        start_method = start_method or _default_start_method()
-        if start_method not in ("forkserver", "spawn"):
-            raise ValueError(f"RewardPool start_method must be 'forkserver' or 'spawn', got {start_method!r}")
         self.verifier_modules = tuple(verifier_modules)
         for name in self.verifier_modules:
             importlib.import_module(name)  # here too: records are checked against the registry before dispatch
@@ -158,7 +176,6 @@ class RewardPool:
         self.pid = os.getpid()
         self.num_timeouts = 0
         self.num_failures = 0
-        self._context = multiprocessing.get_context(start_method)
         self._lock = threading.Lock()
         self._workers: list[_Worker] = [self._start_worker() for _ in range(workers)]
         self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
@@ -193,18 +210,13 @@ class RewardPool:
             return self._score(records)
 
     def _start_worker(self) -> _Worker:
-        parent_end, child_end = self._context.Pipe(duplex=True)
-        process = self._context.Process(
-            target=_worker_main, args=(child_end, self.verifier_modules), name="reward-worker", daemon=True
-        )
-        process.start()
-        child_end.close()
-        return _Worker(process=process, conn=parent_end, started=time.monotonic())
+        process = _WorkerProcess(self.verifier_modules)
+        return _Worker(process=process, conn=process.conn, started=time.monotonic())
 
     def _replace(self, worker: _Worker) -> None:
         worker.process.kill()
         worker.process.join()
-        worker.conn.close()
+        worker.process.close()
         self._workers[self._workers.index(worker)] = self._start_worker()
 
     def _score(self, records: list[Record]) -> list[float]:
@@ -283,8 +295,8 @@ class RewardPool:
         if worker.process.is_alive():
             return
         if not worker.ready:
-            raise RuntimeError(f"reward worker exited during start-up (exit code {worker.process.exitcode}); "
-                               "run `python -c 'import megatron_rlvr.rewards'` to see the import error")
+            raise RuntimeError(f"reward worker exited during start-up (exit code {worker.process.exitcode}); its "
+                               f"stderr ends with:\n{worker.process.stderr_tail()}")
         if worker.inflight:
             index = worker.inflight.popleft()
             results[index] = 0.0

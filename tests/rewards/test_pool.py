@@ -2,6 +2,9 @@
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -116,7 +119,6 @@ def test_closed_pool_refuses_work():
 @pytest.mark.parametrize("kwargs,message", [
     ({"workers": 0}, "at least 1 worker"),
     ({"timeout": 0}, "positive number of seconds"),
-    ({"start_method": "fork"}, "'forkserver' or 'spawn'"),
     ({"max_chunk": 0}, "max_chunk"),
 ])
 def test_pool_argument_errors(kwargs, message):
@@ -148,6 +150,41 @@ def test_verify_scores_and_bounds_time():
         configure_default_pool()
 
 
-def test_spawn_start_method():
-    with RewardPool(workers=1, timeout=30.0, start_method="spawn") as spawned:
-        assert spawned.score([("gsm8k", "so 12", "#### 12"), ("math", "\\boxed{3}", "4")]) == [1.0, 0.0]
+SCRIPT_WITHOUT_MAIN_GUARD = """
+import time
+from megatron_rlvr.rewards import configure_default_pool, verify
+configure_default_pool(workers=1, timeout=2.0)
+print("gsm8k", verify("gsm8k", "so 12", "#### 12"))
+start = time.monotonic()
+print("hostile", verify("math", "\\\\boxed{9^{9^{9^{9}}}}", "1"), time.monotonic() - start)
+"""
+
+
+def test_verify_from_a_plain_script_without_main_guard(tmp_path):
+    """The workers are fresh interpreters: the script is not re-run in them, and its time bound holds."""
+    script = tmp_path / "score.py"
+    script.write_text(SCRIPT_WITHOUT_MAIN_GUARD)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=HANG_GUARD_S * 4)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert lines["gsm8k"] == "1.0"
+    score, seconds = lines["hostile"].split()
+    assert score == "0.0" and float(seconds) < HANG_GUARD_S
+
+
+BROKEN_IN_WORKER = """
+import sys
+if getattr(sys.modules["__main__"].__spec__, "name", "") == "megatron_rlvr.rewards.worker":
+    raise ImportError("libverifier.so.3: cannot open shared object file")
+"""
+
+
+def test_worker_start_up_error_states_the_real_cause(tmp_path, monkeypatch):
+    (tmp_path / "broken_in_worker.py").write_text(BROKEN_IN_WORKER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with RewardPool(workers=1, timeout=5.0, verifier_modules=["broken_in_worker"]) as doomed:
+        with pytest.raises(RuntimeError, match="exited during start-up") as err:
+            doomed.score([("gsm8k", "7", "7")])
+    assert "libverifier.so.3: cannot open shared object file" in str(err.value)
