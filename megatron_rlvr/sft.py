@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rlvr.config import (ConfigError, ModelConfig, OptimizerConfig, ParallelConfig, _build, check_model_parallel,
-                                  model_arch, parse_overrides, _set_dotted)
+                                  check_timeouts, model_arch, parse_overrides, _set_dotted)
 from megatron_rlvr.schedule import check_optimizer
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def validate_sft(cfg: SFTConfig, world_size: int) -> int:
         raise ConfigError(f"model.path={cfg.model.path!r} has no config.json: point it at a HuggingFace Llama directory")
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     check_model_parallel(arch, source, tp, pp)
+    check_timeouts(cfg.parallel)
     check_optimizer(cfg.train.optimizer, "train.optimizer")
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: list at least one JSONL file of SFT records")
@@ -130,9 +131,12 @@ def run_sft(cfg: SFTConfig) -> dict:
     from megatron_rlvr.parallel.state import init_distributed, init_model_parallel, seed_everything
     from megatron_rlvr.schedule import set_lr
     from megatron_rlvr.trainer import build_model
+    from megatron_rlvr.watchdog import start_watchdog
 
     validate_sft(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.parallel.timeout_s)
+    watchdog = start_watchdog(cfg.parallel, rank, world)
+    watchdog.enter("startup", 0)
     seed_everything(cfg.train.seed)
     pg = init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
     model, arch = build_model(cfg, cfg.model.path, pg)
@@ -152,6 +156,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         progress = tqdm(total=cfg.train.steps, desc="sft", dynamic_ncols=True)
     record = {}
     for step in range(1, cfg.train.steps + 1):
+        watchdog.enter("sft step", step)
         start = time.perf_counter()
         batch = next(loader)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         lengths = torch.tensor([len(p) + len(r) for p, r in batch])
@@ -183,7 +188,9 @@ def run_sft(cfg: SFTConfig) -> dict:
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
+    watchdog.enter("export", cfg.train.steps)
     export_hf(model, arch, pg, cfg.model.path, os.path.join(cfg.output_dir, "hf"))
+    watchdog.stop()
     if progress is not None:
         progress.close()
     writer.close()

@@ -125,7 +125,7 @@ def build_rollout(cfg: JobConfig, models: Models, arch, pg, tokenizer, groups=No
     return build_rollout_engine(cfg.rollout.backend, groups, cfg.model.path, model=policy,
                                 dtype=cfg.model.dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                                 enforce_eager=cfg.rollout.enforce_eager,
-                                cpu_plain_weights=cfg.rollout.cpu_plain_weights,
+                                cpu_plain_weights=cfg.rollout.cpu_plain_weights, kv_cache_gib=cfg.rollout.kv_cache_gib,
                                 max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_tokens)
 
 
@@ -408,12 +408,15 @@ def evaluate_policy(cfg: JobConfig) -> float:
     the same engine, prompts and verifiers as the evaluations inside `train`. Collective; every rank gets it."""
     from transformers import AutoTokenizer
 
-    from megatron_rlvr.data import RLVRPromptDataset
     from megatron_rlvr.parallel.state import init_distributed, seed_everything
+    from megatron_rlvr.preflight import check_model_files, load_prompt_sets
     from megatron_rlvr.rewards import RewardPool
 
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    rank, world = init_distributed()
+    check_model_files(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    _, prompts = load_prompt_sets(cfg, tokenizer)
+    rank, world = init_distributed(cfg.parallel.timeout_s)
     check_world(cfg, world)
     seed_everything(cfg.train.seed)
     groups, pg = init_groups(cfg, world, vllm=cfg.rollout.backend == "vllm")
@@ -423,10 +426,6 @@ def evaluate_policy(cfg: JobConfig) -> float:
         from megatron_rlvr.models.llama import LlamaArch
 
         policy, arch = None, LlamaArch.from_pretrained(cfg.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    template = None if cfg.data.chat_template == "tokenizer" else cfg.data.chat_template
-    prompts = RLVRPromptDataset.from_files(cfg.data.eval_files, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
-                                           chat_template=template, on_malformed=cfg.data.on_malformed)
     engine = build_rollout(cfg, Models(policy, None) if policy is not None else None, arch, pg, tokenizer, groups)
     pool = RewardPool(cfg.reward.workers, cfg.reward.timeout_s) if rank == 0 else None
     try:
@@ -462,16 +461,23 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
     from transformers import AutoTokenizer
 
     from megatron_rlvr.algorithms import make_kl_controller
-    from megatron_rlvr.checkpoint import Checkpointer, export_hf, latest_checkpoint, remove_incomplete
-    from megatron_rlvr.data import PromptLoader, RLVRPromptDataset
+    from megatron_rlvr.checkpoint import Checkpointer, export_hf, remove_incomplete
+    from megatron_rlvr.data import PromptLoader
     from megatron_rlvr.metrics import MetricsWriter
     from megatron_rlvr.models.llama import LlamaArch
     from megatron_rlvr.parallel.state import init_distributed, seed_everything
+    from megatron_rlvr.preflight import check_model_files, load_prompt_sets
     from megatron_rlvr.rewards import RewardConfig, RewardPool
+    from megatron_rlvr.watchdog import start_watchdog
 
-    # -- validate, then join the world and build the parallel groups
+    # -- validate the config, the model files and every data record; then join the world and build the groups
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    rank, world = init_distributed()
+    check_model_files(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    dataset, eval_prompts = load_prompt_sets(cfg, tokenizer)
+    rank, world = init_distributed(cfg.parallel.timeout_s)
+    watchdog = start_watchdog(cfg.parallel, rank, world)
+    watchdog.enter("startup", 0)
     dp_size = check_world(cfg, world)
     seed_everything(cfg.train.seed)
     groups, pg = init_groups(cfg, world, vllm=cfg.rollout.backend == "vllm" and rollout_factory is None)
@@ -488,13 +494,6 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         models, arch = build_models(cfg, pg, value_pg)
     else:
         models, arch = None, LlamaArch.from_pretrained(cfg.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    template = None if cfg.data.chat_template == "tokenizer" else cfg.data.chat_template
-    dataset = RLVRPromptDataset.from_files(cfg.data.train_files, tokenizer, max_prompt_length=cfg.data.max_prompt_length,
-                                           chat_template=template, on_malformed=cfg.data.on_malformed)
-    eval_prompts = RLVRPromptDataset.from_files(cfg.data.eval_files, tokenizer,
-                                                max_prompt_length=cfg.data.max_prompt_length, chat_template=template,
-                                                on_malformed=cfg.data.on_malformed) if cfg.data.eval_files else None
     loader = PromptLoader(dataset, cfg.train.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     engine = build_rollout(cfg, models, arch, pg, tokenizer, groups, rollout_factory)
     policy = models.policy if trains else None
@@ -520,18 +519,17 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         if trains:
             named_optimizers["value"] = models.value_optimizer
     checkpointer = Checkpointer(ckpt_root, named_models, named_optimizers, layout, keep=cfg.checkpoint.keep)
-    latest = [latest_checkpoint(ckpt_root) if rank == 0 else None]
-    dist.broadcast_object_list(latest, src=0)
+    watchdog.enter("resume", 0)
+    state, resumed_from = checkpointer.load_latest()
     start_step = 0
-    if latest[0] is not None:
-        state = checkpointer.load(latest[0])
+    if state is not None:
         start_step = state["step"]
         loader.load_state_dict(state["loader"])
         kl_ctl.load_state_dict(state["kl_controller"])
         engine.sync_weights(policy)
         producer.weights_step = start_step
         if rank == 0:
-            logger.info("resumed from %s (step %d)", latest[0], start_step)
+            logger.info("resumed from step %d (%s)", start_step, resumed_from)
     if rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
         remove_incomplete(ckpt_root)
@@ -546,6 +544,7 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
 
     if eval_prompts is not None and start_step == 0:
         # the starting policy's accuracy, the baseline of the eval curve
+        watchdog.enter("eval", 0)
         writer.log({"step": 0, "eval/accuracy": evaluate(engine, eval_prompts, cfg, tokenizer, pool, rank, seed=0)})
 
     algo = cfg.algorithm
@@ -558,6 +557,7 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         step_start = time.perf_counter()
         wait_s = 0.0
         # 1-2. rollouts of this step (sampled and scored), unless begun during the previous step
+        watchdog.enter("rollout", step)
         if ahead is None:
             prompts = next(loader)
             rollouts = producer.produce(prompts, step, loader.state_dict())
@@ -570,6 +570,7 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
             next_prompts = next(loader)
             producer.start(next_prompts, step + 1, loader.state_dict())
 
+        watchdog.enter("train", step)
         t = time.perf_counter()
         local_stats = None
         if trains:
@@ -579,11 +580,13 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         train_s = time.perf_counter() - t
 
         if overlap and step < cfg.train.steps:
+            watchdog.enter("rollout handover", step)
             t = time.perf_counter()
             ahead = (next_prompts, producer.finish())
             wait_s = time.perf_counter() - t  # the part of the next step's generation training did not hide
 
         # 6. weight sync (into an awake engine: its check after the sync runs the engine's model)
+        watchdog.enter("sync", step)
         t = time.perf_counter()
         if producer.colocated:
             engine.wake()
@@ -592,6 +595,7 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         sync_s = time.perf_counter() - t
 
         # 7. metrics
+        watchdog.enter("metrics", step)
         stats = gather_mean(local_stats)
         kl_coef = kl_ctl.value
         if algo.target_kl is not None and "kl_penalty/kl_seq" in stats:
@@ -624,6 +628,7 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         if eval_prompts is not None and (
             (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or step == cfg.train.steps
         ):
+            watchdog.enter("eval", step)
             record["eval/accuracy"] = evaluate(engine, eval_prompts, cfg, tokenizer, pool, rank, seed=step)
         writer.log(record)
         if progress is not None:
@@ -634,10 +639,13 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         # checkpoint: the loader position right after this step's prompts (a resume samples the next step anew)
         interval = cfg.checkpoint.interval
         if (interval and step % interval == 0) or step == cfg.train.steps:
+            watchdog.enter("checkpoint", step)
             checkpointer.save(step, {"loader": rollouts.loader_state, "kl_controller": kl_ctl.state_dict()})
 
     if cfg.checkpoint.export_hf:
+        watchdog.enter("export", cfg.train.steps)
         export_hf(policy, arch, pg, cfg.model.path, os.path.join(cfg.output_dir, "hf"))
+    watchdog.stop()
     if progress is not None:
         progress.close()
     writer.close()

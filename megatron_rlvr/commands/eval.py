@@ -32,9 +32,14 @@ def run(args: argparse.Namespace) -> int:
     from megatron_rlvr.commands.train import single_process_env
 
     single_process_env()
+    from megatron_rlvr.commands.running import run_job
     from megatron_rlvr.trainer import evaluate_policy
 
-    accuracy = evaluate_policy(cfg)
+    result = []
+    status = run_job("eval", None, lambda: result.append(evaluate_policy(cfg)))
+    if status:
+        return status
+    accuracy = result[0]
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"held-out accuracy (greedy): {accuracy:.4f}  model {cfg.model.path}  "
               f"files {', '.join(cfg.data.eval_files)}")

@@ -26,5 +26,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"megatron-rlvr sft: config error: {err}", file=sys.stderr)
         return 2
     single_process_env()
-    run_sft(cfg)
-    return 0
+    from megatron_rlvr.commands.running import run_job
+
+    return run_job("sft", cfg.output_dir, lambda: run_sft(cfg))

@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"megatron-rlvr train: config error: {err}", file=sys.stderr)
         return 2
     single_process_env()
+    from megatron_rlvr.commands.running import run_job
     from megatron_rlvr.trainer import train
 
-    train(cfg)
-    return 0
+    return run_job("train", cfg.output_dir, lambda: train(cfg))
 
 
 def _groups(tp: int, pp: int, dp: int, offset: int) -> dict[str, list[list[int]]]:

@@ -25,6 +25,7 @@ class RLVRPromptDataset(Sequence[Prompt]):
 
     def __init__(self, records: Sequence[RLVRRecord], tokenizer, *, max_prompt_length: int,
                  chat_template: Optional[str] = None):
+        origin = ", ".join(sorted({r.source.rsplit(":line ", 1)[0].rsplit(" row ", 1)[0] for r in records})) or "?"
         texts = [render_prompt(r.messages, tokenizer, chat_template) for r in records]
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         self.prompts: List[Prompt] = [
@@ -32,12 +33,14 @@ class RLVRPromptDataset(Sequence[Prompt]):
         ]
         self.num_dropped = len(records) - len(self.prompts)
         if self.num_dropped:
-            logger.warning("dropped %d of %d prompts longer than max_prompt_length=%d tokens", self.num_dropped,
-                           len(records), max_prompt_length)
+            logger.warning("dropped %d of %d prompts of %s longer than max_prompt_length=%d tokens",
+                           self.num_dropped, len(records), origin, max_prompt_length)
+        if not records:
+            raise ValueError("no records to build prompts from: check data.train_files / data.eval_files")
         if not self.prompts:
             raise ValueError(
-                f"no prompt is left: all {len(records)} are longer than max_prompt_length={max_prompt_length} "
-                "tokens (or no records were loaded); raise max_prompt_length or check the data files"
+                f"no prompt of {origin} is left: all {len(records)} are longer than max_prompt_length="
+                f"{max_prompt_length} tokens; raise data.max_prompt_length"
             )
 
     @classmethod

@@ -117,12 +117,13 @@ def load_records(
     logged with its location and dropped (`skip`)."""
     if on_malformed not in ON_MALFORMED:
         raise ValueError(f"on_malformed must be one of {ON_MALFORMED}, got {on_malformed!r}")
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     records: List[T] = []
     skipped = 0
     for path in paths:
+        seen = 0
         for where, obj in iter_raw_records(path):
+            seen += 1
             try:
                 if isinstance(obj, MalformedRecordError):
                     raise obj
@@ -132,14 +133,32 @@ def load_records(
                     raise
                 skipped += 1
                 logger.warning("skipping malformed record %s", e)
+        if not seen:
+            raise ValueError(f"{os.fspath(path)}: the data file holds no records (it is empty); fill it or drop it "
+                             "from the config")
     if skipped:
         logger.warning("skipped %d malformed record(s); %d loaded", skipped, len(records))
+        if not records:
+            raise ValueError(f"every record of {', '.join(map(os.fspath, paths))} is malformed ({skipped} skipped, "
+                             "see the warnings above): nothing to train on")
     return records
 
 
 def read_rlvr_records(paths: Union[PathLike, Iterable[PathLike]], on_malformed: str = "fail") -> List[RLVRRecord]:
-    """All RLVR records of one or more JSONL/Parquet files, in file order."""
-    return load_records(paths, RLVRRecord.from_dict, on_malformed)
+    """All RLVR records of one or more JSONL/Parquet files, in file order; a record whose `dataset` has no
+    verifier in the registry is malformed (found here, not at the step that first samples it)."""
+    return load_records(paths, _scorable_record, on_malformed)
+
+
+def _scorable_record(obj: Any, where: str) -> RLVRRecord:
+    from megatron_rlvr.rewards.registry import get_verifier
+
+    record = RLVRRecord.from_dict(obj, where)
+    try:
+        get_verifier(record.dataset)
+    except ValueError as err:
+        raise MalformedRecordError(where, str(err)) from None
+    return record
 
 
 def write_jsonl(records: Iterable[RLVRRecord], path: PathLike) -> int:

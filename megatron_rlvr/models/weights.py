@@ -80,22 +80,29 @@ def gather_full_state(model: torch.nn.Module, arch: LlamaArch, pg: ProcessGroupC
 
     Collective over the TP group; every TP rank gets the result.
     """
+    return dict(iter_full_params(model, arch, pg))
+
+
+def iter_full_params(model: torch.nn.Module, arch: LlamaArch, pg: ProcessGroupCollection, *, meta: bool = False):
+    """(global name, megatron full tensor) of this PP stage's parameters, one at a time, so that at most one full
+    tensor is alive (the streamed HF export). Collective over the TP group, in parameter order. `meta`: shapes
+    and dtypes only (meta tensors), no communication."""
     tp = pg.tp.size()
     split = pipeline_split(model)
     head = getattr(unwrap(model), "output_layer", None)
-    out: dict[str, torch.Tensor] = {}
     for local, param in unwrap(model).named_parameters():
+        if local == TIED_OUTPUT and arch.tie_word_embeddings:
+            continue  # the embedding (first stage) is the source of truth for a tied model
         name = _full_name(local, arch, pg, split)
         if tp == 1 or isinstance(head, ValueHead) and param is head.weight:  # a value head is replicated
-            full = param.detach().clone()
+            full = torch.empty_like(param, device="meta") if meta else param.detach().clone()
+        elif meta:
+            full = hf_mapping.unshard(name, [torch.empty_like(param, device="meta")] * tp)
         else:
             shards = [torch.empty_like(param) for _ in range(tp)]
             dist.all_gather(shards, param.detach().contiguous(), group=pg.tp)
             full = hf_mapping.unshard(name, shards)
-        if local == TIED_OUTPUT and arch.tie_word_embeddings:
-            continue  # the embedding (first stage) is the source of truth for a tied model
-        out[name] = full
-    return out
+        yield name, full
 
 
 def full_state_to_hf(full: dict[str, torch.Tensor], arch: LlamaArch) -> dict[str, torch.Tensor]:

@@ -1,6 +1,8 @@
 """Where tensor, pipeline and data parallelism are set up: one place, in a fixed order.
 
-1. `init_distributed()` binds the process to its device and joins the torchrun world (NCCL on GPU, gloo on CPU).
+1. `init_distributed(timeout_s)` binds the process to its device and joins the torchrun world (NCCL on GPU, gloo on
+   CPU). `timeout_s` (`parallel.timeout_s`) becomes the timeout of every process group of the run: the world,
+   megatron-core's groups, ours (`parallel.layout`) and the ones vLLM creates inside its engine.
 2. `init_model_parallel(tp, pp, ...)` builds megatron-core's TP x PP x DP groups over the training ranks and
    seeds the model-parallel RNG tracker; it returns the explicit `ProcessGroupCollection` that models, DDP, the
    optimizer and the pipeline schedule are given (nothing downstream reaches for global groups on its own).
@@ -12,6 +14,7 @@ ranks (one node's NVLink island on a GPU cluster).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from datetime import timedelta
 
@@ -43,10 +46,36 @@ class ParallelDims:
         return cls(tp=tp, pp=pp, dp=world_size // (tp * pp))
 
 
-def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
-    """Join the torchrun world (idempotent); returns (rank, world_size)."""
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def set_collective_timeout(timeout_s: float) -> timedelta:
+    """Make `timeout_s` the timeout of every process group created from now on without one of its own.
+
+    torch gives a group made without a `timeout` argument the module default of `distributed_c10d` (30 minutes
+    for gloo, 10 for NCCL), read when the group is made; vLLM's and megatron-core's internal groups are made
+    that way, so setting the default here is the one place that reaches them all."""
+    from torch.distributed import distributed_c10d
+
+    timeout = timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+def collective_timeout() -> timedelta:
+    """The timeout groups get now (`set_collective_timeout`)."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d.default_pg_timeout
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
+    """Join the torchrun world (idempotent) with `timeout_s` as every process group's timeout; returns
+    (rank, world_size)."""
     platform = current_platform()
     platform.activate()
+    set_collective_timeout(timeout_s)
     if not dist.is_initialized():
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
@@ -55,7 +84,7 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
                 "(e.g. `torchrun --nproc-per-node 2 -m megatron_rlvr.cli train ...`)"
             )
         platform.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(platform.dist_backend, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(platform.dist_backend, timeout=collective_timeout())
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -65,10 +94,14 @@ def init_model_parallel(tp: int = 1, pp: int = 1, *, seed: int = 1234) -> Proces
     dims = ParallelDims.for_world(dist.get_world_size(), tp, pp)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    timeout = collective_timeout()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,
         pipeline_model_parallel_size=dims.pp,
+        distributed_timeout_minutes=max(1, math.ceil(timeout.total_seconds() / 60)),
     )
+    # megatron takes whole minutes; its own call sets every group it made to the exact timeout
+    parallel_state.update_pg_timeout(timeout)
     model_parallel_cuda_manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
 

@@ -115,7 +115,7 @@ class VllmEngine:
         max_model_len: int = 2048,
         max_num_seqs: int = 64,
         gpu_memory_utilization: float = 0.5,
-        kv_cache_gib: float = 1.0,
+        kv_cache_gib: int = 1,
         enforce_eager: bool = True,
         bucket_mb: float = 256.0,
         verify_atol: float = 1e-3,
@@ -141,7 +141,8 @@ class VllmEngine:
         """"inplace" (colocated), "direct" (split), "load" or "reload", set by the first sync"""
         if self.layout.is_rollout(groups.rank):
             if current_platform().device_type == "cpu":
-                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+                # vLLM parses it as an int: "1.0" is refused at start-up
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
             from vllm import LLM
 
             self._shm_prefix = f"mrlvr{os.environ.get('MASTER_PORT', '0')}e{self.layout.engine_index(groups.rank)}-"
