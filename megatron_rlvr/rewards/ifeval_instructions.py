@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 from megatron_rlvr.registry import Registry
 from megatron_rlvr.rewards.ifeval_text import count_sentences, count_words, detected_language, word_tokens
@@ -53,6 +54,13 @@ def _ten_percent(target: int) -> int:
     return max(round(target * 0.1), 1)
 
 
+def _word_list(words: Any, what: str) -> list:
+    """The record's list of words; IFEval would draw random ones for an empty list, which no record means."""
+    if not isinstance(words, list) or not words:
+        raise RecordError(f"{what} must be a non-empty list of words, got {words!r:.200}")
+    return words
+
+
 def _literal(pattern: str, what: str) -> str:
     if not isinstance(pattern, str) or not pattern.strip():
         raise RecordError(f"{what} must be a non-empty string, got {pattern!r}")
@@ -62,7 +70,8 @@ def _literal(pattern: str, what: str) -> str:
 @_instruction("keywords:existence")
 def keywords_existence(text: str, *, keywords: list) -> bool:
     """Every keyword occurs in the response, anywhere (case-insensitive substring)."""
-    return all(re.search(_literal(keyword, "a keyword"), text, re.IGNORECASE) for keyword in keywords)
+    return all(re.search(_literal(keyword, "a keyword"), text, re.IGNORECASE)
+               for keyword in _word_list(keywords, "keywords"))
 
 
 @_instruction("keywords:frequency")
@@ -76,7 +85,7 @@ def keywords_frequency(text: str, *, keyword: str, frequency: int, relation: str
 def keywords_forbidden_words(text: str, *, forbidden_words: list) -> bool:
     """None of the words occurs as a whole word (`\\bword\\b`, case-insensitive): "no" inside "known" is fine."""
     return not any(re.search(rf"\b{_literal(word, 'a forbidden word')}\b", text, re.IGNORECASE)
-                   for word in forbidden_words)
+                   for word in _word_list(forbidden_words, "forbidden_words"))
 
 
 @_instruction("keywords:letter_frequency")

@@ -8,6 +8,7 @@ import pytest
 from megatron_rlvr.rewards import RecordError, run_verifier, verify
 from megatron_rlvr.rewards.ifeval import OLDER_FUNCTIONS
 from megatron_rlvr.rewards.ifeval_instructions import INSTRUCTIONS
+from megatron_rlvr.rewards.ifeval_text import count_sentences, count_words, word_tokens
 
 OFFICIAL_IDS = {
     "keywords:existence", "keywords:frequency", "keywords:forbidden_words", "keywords:letter_frequency",
@@ -179,6 +180,8 @@ def test_language_detection_is_deterministic():
         ("ifeval", newer(("punctuation:no_comma", {"num_words": 3})), "punctuation:no_comma takes arguments"),
         ("ifeval", json.dumps([{"instruction_id": ["punctuation:no_comma"], "kwargs": [{}, {}]}]), "equal length"),
         ("ifeval", json.dumps([]), "names no instruction"),
+        ("ifeval", older("verify_keywords", keyword_list=[]), "keywords must be a non-empty list"),
+        ("ifeval", newer(("keywords:forbidden_words", {"forbidden_words": "bad"})), "forbidden_words must be"),
     ],
 )
 def test_malformed_ground_truth_raises(dataset, truth, message):
@@ -203,3 +206,23 @@ def test_records_in_both_formats_load_and_score(tmp_path):
     response = " ".join(["calm"] * 40)
     assert [run_verifier(r.dataset, response, r.ground_truth) for r in records] == [1.0] * 4
     assert [run_verifier(r.dataset, response + ",", r.ground_truth) for r in records] == [0.5, 0.5, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("text,count", [
+    ("One. Two! Three?", 3),
+    ("Mr. Smith met Dr. Jones at 5 p.m. yesterday. They talked.", 2),
+    ("J. R. R. Tolkien wrote it. Then he rested.", 2),
+    ('He said "stop." Then he left.', 2),
+    ("Wait... what happened? Nothing.", 3),
+    ("A line without a full stop\nand another line", 1),
+    ("Version 2.5 is out. Update now.", 2),
+    ("", 0),
+])
+def test_sentence_count(text, count):
+    assert count_sentences(text) == count
+
+
+def test_words_and_tokens():
+    assert count_words("Don't stop: 3.5 well-known words") == 8  # IFEval counts \w+ runs: Don, t, 3, 5, ...
+    assert [t for t in word_tokens("I DON'T know, U.S. (WELL-KNOWN) now!") if t.isupper()] == \
+        ["I", "DO", "N'T", "U.S", "WELL-KNOWN"]
