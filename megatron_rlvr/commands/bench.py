@@ -14,6 +14,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "train": ("megatron_rlvr.benchmarks.train", "forward+backward tokens/s and MFU of the policy"),
     "partition": ("megatron_rlvr.benchmarks.partition", "balanced sequence partitioning, C++ vs Python"),
     "rewards": ("megatron_rlvr.benchmarks.rewards", "verifier throughput of the reward pool"),
+    "generate": ("megatron_rlvr.benchmarks.generate",
+                 "KV-cached megatron generation vs HF static-cache generate and the bandwidth limit"),
 }
 
 
