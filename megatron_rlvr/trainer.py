@@ -155,6 +155,10 @@ class ScoredRollouts:
     """the step whose weights sampled them (0: the initial weights)"""
     loader_state: dict
     """the prompt loader's position right after these prompts were drawn (what a checkpoint of this step saves)"""
+    rounds: int = 1
+    """generation rounds these samples took (dynamic sampling draws more prompts while groups are uninformative)"""
+    filled_groups: int = 0
+    """uninformative prompt groups in the batch because dynamic sampling ran out of rounds"""
 
 
 class RolloutProducer:
@@ -188,10 +192,11 @@ class RolloutProducer:
         texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
         scores = self.pool.score((prompts[s.prompt_index].record.dataset, text,
                                   prompts[s.prompt_index].record.ground_truth) for s, text in zip(samples, texts))
-        return scores, shape_rewards(scores, [s.finished for s in samples], texts, self.reward_cfg)
+        return scores, shape_rewards(scores, [s.finished for s in samples], texts, self.reward_cfg,
+                                     [len(s.response_ids) for s in samples], self.cfg.rollout.max_tokens)
 
-    def start(self, prompts, step: int, loader_state: dict) -> None:
-        sampling = sampling_config(self.cfg, seed=self.cfg.train.seed * 1_000_003 + step)
+    def start(self, prompts, step: int, loader_state: dict, round_: int = 0) -> None:
+        sampling = sampling_config(self.cfg, seed=self.cfg.train.seed * 1_000_003 + step + round_ * 100_003)
         prompt_ids = [list(p.prompt_ids) for p in prompts]
         t = time.perf_counter()
         if not self.overlap:
@@ -231,9 +236,36 @@ class RolloutProducer:
             result.samples = samples
         return result
 
-    def produce(self, prompts, step: int, loader_state: dict) -> ScoredRollouts:
-        self.start(prompts, step, loader_state)
+    def produce(self, prompts, step: int, loader_state: dict, round_: int = 0) -> ScoredRollouts:
+        self.start(prompts, step, loader_state, round_)
         return self.finish()
+
+    def produce_informative(self, loader, step: int) -> ScoredRollouts:
+        """DAPO dynamic sampling (collective over the world, like `produce`): a prompt group whose rewards are all
+        equal has zero advantage and gives no gradient, so it is dropped and more prompts are drawn and sampled,
+        for at most `algorithm.dynamic_sampling_max_rounds` rounds, until `train.prompts_per_step` informative
+        groups are in hand; past that bound the batch is filled up with the uninformative ones. Groups are
+        renumbered 0..prompts_per_step-1 in the order they were kept."""
+        from megatron_rlvr.algorithms import DynamicSamplingBuffer
+
+        want = self.cfg.train.prompts_per_step
+        buffer = DynamicSamplingBuffer(want, self.cfg.algorithm.dynamic_sampling_max_rounds, on_exhausted="fill")
+        generate_s = verify_s = 0.0
+        while buffer.needs_more():
+            rollouts = self.produce(next(loader), step, loader.state_dict(), buffer.rounds)
+            generate_s += rollouts.generate_s
+            verify_s += rollouts.verify_s
+            groups: dict[int, list] = {}
+            for sample, score, reward in zip(rollouts.samples, rollouts.scores, rollouts.rewards):
+                groups.setdefault(sample.prompt_index, []).append((sample, score, reward))
+            buffer.add([[reward for _, _, reward in group] for group in groups.values()], list(groups.values()))
+        rounds = buffer.rounds
+        kept = buffer.take()
+        rows = [(dataclasses.replace(sample, prompt_index=index), score, reward)
+                for index, group in enumerate(kept) for sample, score, reward in group]
+        samples, scores, rewards = (list(column) for column in zip(*rows))
+        return ScoredRollouts(samples, scores, rewards, generate_s, verify_s, rollouts.weights_step,
+                              rollouts.loader_state, rounds=rounds, filled_groups=buffer.filled)
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -269,13 +301,16 @@ def pack_rollouts(samples, rewards: list[float], pad_id: int) -> RolloutBatch:
     width = max(lengths)
     tokens = torch.full((len(samples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), width - 1))
+    rollout_logprobs = torch.zeros((len(samples), width - 1))
     for row, sample in enumerate(samples):
         prompt = len(sample.prompt_ids)
         tokens[row, : lengths[row]] = torch.tensor(list(sample.prompt_ids) + list(sample.response_ids))
         mask[row, prompt - 1: lengths[row] - 1] = 1.0
+        rollout_logprobs[row, prompt - 1: lengths[row] - 1] = torch.tensor(sample.logprobs, dtype=torch.float32)
     device = current_platform().device()
     return RolloutBatch(tokens.to(device), torch.tensor(lengths), mask.to(device),
-                        torch.tensor(rewards, dtype=torch.float32, device=device), [s.prompt_index for s in samples])
+                        torch.tensor(rewards, dtype=torch.float32, device=device), [s.prompt_index for s in samples],
+                        {"rollout_logprobs": rollout_logprobs.to(device)})
 
 
 def per_token(model, batch: RolloutBatch, pg, cfg: JobConfig, vocab: int, *, value_model: bool = False):
@@ -302,7 +337,7 @@ def _global_sum(value: torch.Tensor, group) -> torch.Tensor:
 
 def update_policy(models: Models, batch: RolloutBatch, pg, cfg: JobConfig, vocab: int, kl_coef: float) -> list[dict]:
     """One optimizer step on `batch` (a mini-batch); returns the last stage's per-micro-batch stats."""
-    from megatron_rlvr.algorithms import aggregate_loss, get_policy_loss, kl_loss, loss_denominator
+    from megatron_rlvr.algorithms import aggregate_loss, get_policy_loss, kl_loss, loss_denominator, rollout_correction
     from megatron_rlvr.models.forward import forward_backward, split_micro_batches
 
     algo = cfg.algorithm
@@ -314,10 +349,15 @@ def update_policy(models: Models, batch: RolloutBatch, pg, cfg: JobConfig, vocab
     def loss_fn(logprobs, entropy, mb):
         f = mb.fields
         old = f["old_logprobs"] if "old_logprobs" in f else logprobs.detach()
+        # the engine sampled from pi_rollout, not pi_old: weight (tis) or mask (mis) each token by their ratio
+        weight, correction = rollout_correction(old, f["rollout_logprobs"], f["mask"], kind=algo.rollout_correction,
+                                                cap=algo.rollout_is_cap, level=algo.rollout_mis_level)
         loss, stats = policy_loss(logprobs, old, f["advantages"], f["mask"], clip_low=algo.clip_low,
-                                  clip_high=algo.clip_high, loss_agg_mode=algo.loss_agg_mode, norm_constant=norm,
-                                  loss_denominator=denominator)
+                                  clip_high=algo.clip_high, clip_c=algo.clip_ratio_c,
+                                  token_weight=None if algo.rollout_correction == "none" else weight,
+                                  loss_agg_mode=algo.loss_agg_mode, norm_constant=norm, loss_denominator=denominator)
         stats = {f"actor/{k}": v for k, v in stats.items()}
+        stats.update({f"rollout/{k}": v for k, v in correction.items()})
         stats["loss/policy"] = loss.detach()
         if kl_in_loss:
             kl, kl_stats = kl_loss(logprobs, f["ref_logprobs"], f["mask"], kind=algo.kl_estimator,
@@ -497,9 +537,7 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
     loader = PromptLoader(dataset, cfg.train.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     engine = build_rollout(cfg, models, arch, pg, tokenizer, groups, rollout_factory)
     policy = models.policy if trains else None
-    reward_cfg = RewardConfig(verified_reward=cfg.reward.verified_reward,
-                              truncation_penalty=cfg.reward.truncation_penalty,
-                              format_pattern=cfg.reward.format_pattern, format_reward=cfg.reward.format_reward)
+    reward_cfg = RewardConfig.from_settings(cfg.reward)
     pool = RewardPool(cfg.reward.workers, cfg.reward.timeout_s) if rank == 0 else None
     producer = RolloutProducer(engine, cfg, groups, tokenizer, pool, reward_cfg, rank)
     kl_ctl = make_kl_controller(cfg.algorithm.kl_coef, cfg.algorithm.target_kl)
@@ -558,7 +596,9 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         wait_s = 0.0
         # 1-2. rollouts of this step (sampled and scored), unless begun during the previous step
         watchdog.enter("rollout", step)
-        if ahead is None:
+        if algo.dynamic_sampling:
+            rollouts = producer.produce_informative(loader, step)
+        elif ahead is None:
             prompts = next(loader)
             rollouts = producer.produce(prompts, step, loader.state_dict())
         else:
@@ -614,6 +654,8 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
             "response_length/max": max(response_lengths),
             "response_length/clip_ratio": sum(not s.finished for s in samples) / len(samples),
             "rollout/weights_step": rollouts.weights_step,
+            "rollout/generation_rounds": rollouts.rounds,
+            "rollout/dynamic_sampling_filled": rollouts.filled_groups,
             "timing/generate_s": rollouts.generate_s,
             "timing/verify_s": rollouts.verify_s,
             "timing/logprob_s": stats.pop("timing/logprob_s", 0.0),

@@ -8,7 +8,8 @@
 from .advantages import compute_advantages
 from .dapo import DynamicSamplingBuffer, informative_group_mask, overlong_reward_penalty
 from .kl import AdaptiveKLController, FixedKLController, kl_loss, kl_reward_penalty, make_kl_controller
-from .losses import clipped_value_loss, ppo_policy_loss, truncated_is_weight
+from .correction import MIS_LEVELS, ROLLOUT_CORRECTIONS, rollout_correction, truncated_is_weight
+from .losses import clipped_value_loss, ppo_policy_loss
 from .masked import LOSS_AGG_MODES, aggregate_loss, loss_denominator, masked_mean, masked_sum, masked_whiten
 from .registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, get_advantage_estimator, get_policy_loss
 
@@ -16,6 +17,8 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "POLICY_LOSSES",
     "LOSS_AGG_MODES",
+    "MIS_LEVELS",
+    "ROLLOUT_CORRECTIONS",
     "AdaptiveKLController",
     "DynamicSamplingBuffer",
     "FixedKLController",
@@ -34,5 +37,6 @@ __all__ = [
     "masked_whiten",
     "overlong_reward_penalty",
     "ppo_policy_loss",
+    "rollout_correction",
     "truncated_is_weight",
 ]

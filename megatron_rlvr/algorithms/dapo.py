@@ -37,20 +37,24 @@ class DynamicSamplingBuffer:
         batch = buffer.take()                          # exactly 64 groups (surplus from the last round dropped)
 
     After `max_rounds` rounds without enough groups, `needs_more()` raises (on_exhausted="error") or warns and
-    stops (on_exhausted="warn"; `take()` then returns the smaller batch).
+    stops: with on_exhausted="warn" `take()` then returns the smaller batch, with on_exhausted="fill" it fills the
+    batch up with uninformative groups of those rounds (in the order they came; `filled` counts them).
     """
 
     def __init__(self, num_groups: int, max_rounds: int, on_exhausted: str = "error"):
         if num_groups < 1 or max_rounds < 1:
             raise ValueError(f"need num_groups >= 1 and max_rounds >= 1, got {num_groups} and {max_rounds}")
-        if on_exhausted not in ("error", "warn"):
-            raise ValueError(f"on_exhausted must be 'error' or 'warn', got {on_exhausted!r}")
+        if on_exhausted not in ("error", "warn", "fill"):
+            raise ValueError(f"on_exhausted must be 'error', 'warn' or 'fill', got {on_exhausted!r}")
         self.num_groups = num_groups
         self.max_rounds = max_rounds
         self.on_exhausted = on_exhausted
         self.rounds = 0
         self.seen_groups = 0
+        self.filled = 0
+        """uninformative groups the last `take()` filled the batch up with"""
         self._kept: List[Any] = []
+        self._uninformative: List[Any] = []
 
     def add(self, group_scores: Sequence[Sequence[float]], payloads: Sequence[Any]) -> int:
         """Record one generation round; keep the payloads of groups with at least two distinct scores.
@@ -61,8 +65,11 @@ class DynamicSamplingBuffer:
             raise ValueError(f"got {len(group_scores)} score lists for {len(payloads)} payloads; pass one per group")
         self.rounds += 1
         self.seen_groups += len(payloads)
-        kept = [p for scores, p in zip(group_scores, payloads) if len(set(float(s) for s in scores)) > 1]
+        informative = [len(set(float(s) for s in scores)) > 1 for scores in group_scores]
+        kept = [p for p, keep in zip(payloads, informative) if keep]
         self._kept.extend(kept)
+        if self.on_exhausted == "fill":
+            self._uninformative.extend(p for p, keep in zip(payloads, informative) if not keep)
         logger.info("dynamic sampling round %d: kept %d/%d groups (%d/%d collected)", self.rounds, len(kept),
                     len(payloads), len(self._kept), self.num_groups)
         return len(kept)
@@ -80,13 +87,20 @@ class DynamicSamplingBuffer:
         )
         if self.on_exhausted == "error":
             raise RuntimeError(message)
+        if self.on_exhausted == "fill":
+            logger.warning("%s; filling the batch up with uninformative groups", message)
+            return False
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         return False
 
     def take(self) -> List[Any]:
-        """The first `num_groups` kept payloads (fewer only after a warned exhaustion); resets the buffer."""
+        """The first `num_groups` kept payloads (fewer only after a warned exhaustion, filled up after a filled
+        one); resets the buffer."""
         batch = self._kept[: self.num_groups]
+        self.filled = min(self.num_groups - len(batch), len(self._uninformative))
+        batch += self._uninformative[: self.filled]
         self._kept = []
+        self._uninformative = []
         self.rounds = 0
         self.seen_groups = 0
         return batch

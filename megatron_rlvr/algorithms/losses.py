@@ -12,18 +12,6 @@ from .registry import register_policy_loss
 Stats = Dict[str, torch.Tensor]
 
 
-def truncated_is_weight(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance weight for the rollout engine / trainer mismatch (Yao et al., 2025):
-
-        w_t = min(exp(old_logp_trainer_t - rollout_logp_t), C), detached.
-
-    The rollout engine (vLLM, other kernels, other precision) samples from a slightly different distribution
-    than the trainer computes; w reweights the trainer's loss towards the distribution the tokens came from,
-    and the cap C bounds the variance.
-    """
-    return torch.exp(old_log_prob - rollout_log_prob).clamp(max=cap).detach()
-
-
 @register_policy_loss("ppo")
 def ppo_policy_loss(
     log_prob: torch.Tensor,
@@ -34,24 +22,22 @@ def ppo_policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     clip_c: Optional[float] = None,
-    rollout_log_prob: Optional[torch.Tensor] = None,
-    tis_cap: Optional[float] = None,
+    token_weight: Optional[torch.Tensor] = None,
     loss_agg_mode: str = "token-mean",
     norm_constant: Optional[float] = None,
     loss_denominator=None,
 ) -> Tuple[torch.Tensor, Stats]:
-    """PPO clipped surrogate with DAPO's decoupled clip range, optional dual-clip and truncated IS.
+    """PPO clipped surrogate with DAPO's decoupled clip range, optional dual-clip and a per-token weight.
 
         rho_t = exp(logp_t - old_logp_t)
         L_t   = max(-A_t rho_t, -A_t clip(rho_t, 1 - clip_low, 1 + clip_high))
         L_t   = min(L_t, -A_t * clip_c)   where A_t < 0, when clip_c is set (dual-clip, Ye et al., 2020; c > 1)
-        L_t   = w_t * L_t                 when tis_cap is set, w_t = truncated_is_weight(old_logp, rollout_logp, C)
+        L_t   = w_t * L_t                 with `token_weight` w (the rollout correction, `algorithms.correction`)
 
     and the token losses are reduced by `aggregate_loss(L, mask, loss_agg_mode, norm_constant, loss_denominator)`
     (`loss_denominator`: the global batch's normaliser when the batch is split into micro-batches or ranks).
     Stats: `pg_clipfrac` (tokens where the clip is active), `pg_clipfrac_lower` (dual clip active),
-    `ppo_kl` (mean of old_logp - logp, the k1 estimate of KL(old || new)), and with TIS `tis_weight_mean` and
-    `tis_clipfrac` (tokens whose weight hit the cap).
+    `ppo_kl` (mean of old_logp - logp, the k1 estimate of KL(old || new)).
     """
     if clip_c is not None and clip_c <= 1.0:
         raise ValueError(f"dual-clip constant clip_c must be > 1 (typically 3), got {clip_c}")
@@ -67,13 +53,8 @@ def ppo_policy_loss(
         dual_active = (advantages < 0) & (token_loss > lower_bound)
         token_loss = torch.where(advantages < 0, torch.minimum(token_loss, lower_bound), token_loss)
         stats["pg_clipfrac_lower"] = masked_mean(dual_active.to(mask.dtype), mask).detach()
-    if tis_cap is not None:
-        if rollout_log_prob is None:
-            raise ValueError("tis_cap is set but rollout_log_prob was not passed (the rollout engine's log-probs)")
-        weight = truncated_is_weight(old_log_prob, rollout_log_prob, tis_cap)
-        token_loss = token_loss * weight
-        stats["tis_weight_mean"] = masked_mean(weight, mask)
-        stats["tis_clipfrac"] = masked_mean((weight >= tis_cap).to(mask.dtype), mask)
+    if token_weight is not None:
+        token_loss = token_loss * token_weight.detach()
     stats["ppo_kl"] = masked_mean(-log_ratio, mask).detach()
     loss = aggregate_loss(token_loss, mask, loss_agg_mode, norm_constant, loss_denominator)
     return loss, stats

@@ -44,6 +44,13 @@ def test_buffer_exhaustion_error_and_warning():
         assert not buffer.needs_more()
     assert buffer.take() == ["good"]
 
+    buffer = DynamicSamplingBuffer(num_groups=4, max_rounds=2, on_exhausted="fill")
+    buffer.add([[1, 0], [1, 1]], ["good", "flat"])
+    buffer.add([[0, 0], [1, 1], [0, 1]], ["flat2", "flat3", "good2"])
+    assert not buffer.needs_more()
+    assert buffer.take() == ["good", "good2", "flat", "flat2"]  # informative first, then fill in arrival order
+    assert buffer.filled == 2
+
 
 def test_overlong_penalty_by_hand():
     lengths = torch.tensor([10, 15, 16, 18, 20, 25])

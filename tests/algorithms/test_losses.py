@@ -12,6 +12,7 @@ from megatron_rlvr.algorithms import (
     clipped_value_loss,
     get_policy_loss,
     ppo_policy_loss,
+    rollout_correction,
 )
 
 D = torch.float64
@@ -64,11 +65,36 @@ def test_ppo_truncated_importance_sampling_by_hand():
     # exp(old - rollout) = (2, .5, 1, 1, 1) capped at C = 1.5 -> w = (1.5, .5, 1, 1, 1)
     rollout = OLD - torch.tensor([[2.0, 0.5, 1.0], [1.0, 1.0, 1.0]], dtype=D).log()
     rollout.requires_grad_(True)
-    loss, stats = ppo_policy_loss(LOGP, OLD, ADV, MASK, clip_c=3.0, rollout_log_prob=rollout, tis_cap=1.5, **CLIP)
+    weight, stats = rollout_correction(OLD, rollout, MASK, kind="tis", cap=1.5)
+    loss, _ = ppo_policy_loss(LOGP, OLD, ADV, MASK, clip_c=3.0, token_weight=weight, **CLIP)
     assert loss.item() == pytest.approx((-1.28 * 1.5 - 0.5 * 0.5 + 1.1 + 0.8 + 3.0) / 5)
-    assert stats["tis_clipfrac"].item() == pytest.approx(1 / 5)
-    assert stats["tis_weight_mean"].item() == pytest.approx((1.5 + 0.5 + 3) / 5)
+    assert stats["is_weight_mean"].item() == pytest.approx((1.5 + 0.5 + 3) / 5)
+    assert stats["masked_fraction"].item() == 0
     assert not loss.requires_grad  # the weight is detached: no gradient reaches the rollout log-probs
+
+
+def test_masked_importance_sampling_by_hand():
+    # rho = (1.9, .55, 1 | 1.25, 4, junk) with C = 2: the band [0.5, 2] keeps tokens 0-3 and masks token 4
+    rho = torch.tensor([[1.9, 0.55, 1.0], [1.25, 4.0, 9.0]], dtype=D)
+    rollout = OLD - rho.log()
+    weight, stats = rollout_correction(OLD, rollout, MASK, kind="mis", cap=2.0)
+    torch.testing.assert_close(weight, torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]], dtype=D))
+    assert stats["masked_fraction"].item() == pytest.approx(1 / 5)
+    assert stats["is_weight_mean"].item() == pytest.approx(4 / 5)
+    diff = sum(abs(math.log(r)) for r in (1.9, 0.55, 1.0, 1.25, 4.0)) / 5
+    assert stats["logprob_abs_diff"].item() == pytest.approx(diff)
+    # sequence level: row 0's product is 1.045 (kept whole), row 1's is 5 > C (masked whole); padding stays 0
+    weight, stats = rollout_correction(OLD, rollout, MASK, kind="mis", cap=2.0, level="sequence")
+    torch.testing.assert_close(weight, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=D))
+    assert stats["masked_fraction"].item() == pytest.approx(2 / 5)
+    # none: weight 1 on response tokens, the raw ratio reported as a diagnostic
+    weight, stats = rollout_correction(OLD, rollout, MASK, kind="none", cap=2.0)
+    torch.testing.assert_close(weight, MASK)
+    assert stats["is_weight_mean"].item() == pytest.approx((1.9 + 0.55 + 1 + 1.25 + 4) / 5)
+    # a masked token's loss is gone, the normaliser (5 tokens) unchanged
+    weight, _ = rollout_correction(OLD, rollout, MASK, kind="mis", cap=2.0)
+    loss, _ = ppo_policy_loss(LOGP, OLD, ADV, MASK, token_weight=weight, **CLIP)
+    assert loss.item() == pytest.approx((-1.28 - 0.5 + 1.1 + 0.8) / 5)
 
 
 def reference_policy_loss(logp, old, adv, mask, lo, hi, c, weight, mode, constant):
@@ -96,9 +122,10 @@ def test_ppo_gradient_matches_reference_formula(mode):
     mask = (torch.arange(n) < lengths[:, None]).to(D)
     # ratios spread over [0.3, 3.3] so the low, high and dual clips are all active somewhere
     logp = (old + torch.log(0.3 + 3 * torch.rand(b, n, generator=gen, dtype=D))).requires_grad_(True)
-    cfg = dict(clip_low=0.2, clip_high=0.28, clip_c=2.0, tis_cap=1.2, norm_constant=9.0)
+    cfg = dict(clip_low=0.2, clip_high=0.28, clip_c=2.0, norm_constant=9.0)
 
-    loss, _ = ppo_policy_loss(logp, old, adv, mask, rollout_log_prob=rollout, loss_agg_mode=mode, **cfg)
+    weight, _ = rollout_correction(old, rollout, mask, kind="tis", cap=1.2)
+    loss, _ = ppo_policy_loss(logp, old, adv, mask, token_weight=weight, loss_agg_mode=mode, **cfg)
     (grad,) = torch.autograd.grad(loss, logp)
 
     ref_logp = logp.detach().clone().requires_grad_(True)
@@ -146,8 +173,10 @@ def test_policy_loss_registry_and_errors():
         POLICY_LOSSES.register("ppo")(lambda: None)
     with pytest.raises(ValueError, match="clip_c must be > 1"):
         ppo_policy_loss(LOGP, OLD, ADV, MASK, clip_c=0.5)
-    with pytest.raises(ValueError, match="rollout_log_prob was not passed"):
-        ppo_policy_loss(LOGP, OLD, ADV, MASK, tis_cap=2.0)
+    with pytest.raises(ValueError, match="cap C must be > 1"):
+        rollout_correction(OLD, OLD, MASK, kind="mis", cap=1.0)
+    with pytest.raises(ValueError, match="'is' is not one of none, tis, mis"):
+        rollout_correction(OLD, OLD, MASK, kind="is", cap=2.0)
     with pytest.raises(ValueError, match="unknown loss aggregation mode 'mean'; known: token-mean"):
         aggregate_loss(ADV, MASK, "mean")
 

@@ -82,3 +82,30 @@ class LoopSampler:
 
 def loop_sampler(cfg, model, arch, pg, tokenizer):
     return LoopSampler(cfg, model, arch, pg, tokenizer)
+
+
+class StaleLoopSampler(LoopSampler):
+    """Samples with the initial weights for the whole run (a sync that never lands): from the second step on its
+    log-probs differ from the trainer's, as an off-policy or mismatched rollout engine's do. The initial weights
+    are swapped into the trainer's model for each `generate` and the current ones put back after it."""
+
+    def __init__(self, cfg, model, arch, pg, tokenizer):
+        super().__init__(cfg, model, arch, pg, tokenizer)
+        self.initial = [p.detach().clone() for p in unwrap(model).parameters()]
+
+    def generate(self, prompt_ids, sampling):
+        params = list(unwrap(self.model).parameters())
+        current = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, old in zip(params, self.initial):
+                p.copy_(old)
+        try:
+            return super().generate(prompt_ids, sampling)
+        finally:
+            with torch.no_grad():
+                for p, now in zip(params, current):
+                    p.copy_(now)
+
+
+def stale_loop_sampler(cfg, model, arch, pg, tokenizer):
+    return StaleLoopSampler(cfg, model, arch, pg, tokenizer)
