@@ -7,7 +7,7 @@ a connection of its own) and reads the others' from it, so a rank stopped or wed
 by the ones waiting for it. A report (logger `megatron_rlvr.watchdog`, so the console and `<output_dir>/log.txt`):
 
     rank 0: phase 'sync' of step 3 has run 12 s (reported after 5 s; longest so far 0.4 s); not there: rank 1
-    (in 'train' of step 3 for 12 s)
+    (silent for 11 s: stopped, or stuck where no Python thread runs; last seen in 'sync' of step 3 for 12 s)
 
 A collective that times out raises in the main thread; `timed_out_report()` gives the command line the report
 to print instead of the backend's stack. A phase still running `timeout_s` plus a grace after it began (a wait
@@ -61,7 +61,6 @@ class Watchdog:
         self.poll_s = poll_s if poll_s is not None else min(1.0, report_after_s / 4)
         self.longest: dict[str, float] = {}
         self._position: _Position | None = None
-        self._published: _Position | None = None
         self._reported_at = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="megatron-rlvr-watchdog", daemon=True)
@@ -115,7 +114,7 @@ class Watchdog:
         """Publish this rank's position; report (and return) when its phase is overdue; end the job past the
         timeout plus a grace."""
         position = self._position
-        self._publish(position)
+        self._publish(position, now)
         if position is None:
             return None
         running = now - position.since
@@ -163,19 +162,24 @@ class Watchdog:
                 away.append(f"rank {rank} (no report yet)")
                 continue
             theirs = json.loads(raw)
-            if theirs["phase"] is None:
-                away.append(f"rank {rank} (idle)")
-            elif (theirs["phase"], theirs["step"]) != (mine.phase, mine.step):
-                away.append(f"rank {rank} (in {theirs['phase']!r} of step {theirs['step']} for "
-                            f"{now - theirs['since']:.0f} s)")
+            silent = now - theirs["beat"]
+            where = "idle" if theirs["phase"] is None else (
+                f"in {theirs['phase']!r} of step {theirs['step']} for {now - theirs['since']:.0f} s")
+            if silent > max(3 * self.poll_s, 5.0):
+                away.append(f"rank {rank} (silent for {silent:.0f} s: stopped, or stuck where no Python thread "
+                            f"runs; last seen {where})")
+            elif theirs["phase"] is None or (theirs["phase"], theirs["step"]) != (mine.phase, mine.step):
+                away.append(f"rank {rank} ({where})")
         return away
 
-    def _publish(self, position: _Position | None) -> None:
-        if self.store is None or position is self._published:
+    def _publish(self, position: _Position | None, now: float) -> None:
+        """This rank's position and a heartbeat, every poll: a rank whose beat stops (stopped, or stuck where
+        Python threads cannot run) is told apart from one waiting in the same phase."""
+        if self.store is None:
             return
-        value = {"phase": None, "step": None, "since": time.time()} if position is None else dataclasses.asdict(position)
+        value = {"phase": None, "step": None, "since": None} if position is None else dataclasses.asdict(position)
+        value["beat"] = now
         self.store.set(_KEY_PREFIX + str(self.rank), json.dumps(value))
-        self._published = position
 
 
 def job_store(timeout_s: float = 10.0):
