@@ -2,7 +2,9 @@
 
 Keys every RLVR step writes (the interface contract): `step`, `reward_mean`, `kl`, `timing/generate_s`,
 `timing/sync_s`, `timing/train_s`, `tokens_per_s`; plus `score_mean` (verifier accuracy), `response_length/mean`,
-`loss/*`, `actor/*` and, on evaluation steps, `eval/accuracy`.
+`loss/*`, `actor/*` and, on evaluation steps, `eval/accuracy`. A DPO step writes `loss`, `rewards/{chosen,rejected,
+accuracy,margin}`, `logps/{chosen,rejected}`, `lr`, `tokens_per_s` and, on evaluation steps, the same under `eval/`
+with `eval/pairwise_accuracy`.
 
 On resume the file is cut back to the checkpoint's step, so the steps a killed run did after its last checkpoint
 (and redoes now) appear once and the curve continues where the checkpoint left it.
@@ -78,6 +80,11 @@ PLOTS = (
     ("kl", ("kl",)),
     ("response_length", ("response_length/mean",)),
     ("timing", ("timing/generate_s", "timing/sync_s", "timing/train_s", "timing/step_s")),
+    # `sft` and `dpo`
+    ("loss", ("loss", "eval/loss")),
+    ("dpo_accuracy", ("rewards/accuracy", "eval/rewards/accuracy", "eval/pairwise_accuracy")),
+    ("dpo_rewards", ("rewards/chosen", "rewards/rejected", "rewards/margin", "eval/rewards/margin")),
+    ("dpo_logps", ("logps/chosen", "logps/rejected")),
 )
 
 

@@ -1,4 +1,4 @@
-"""`megatron-rlvr plot OUTPUT_DIR`: reward, KL, response-length and timing curves of `OUTPUT_DIR/metrics.jsonl`
+"""`megatron-rlvr plot OUTPUT_DIR`: reward, KL, response-length, timing, loss and DPO reward curves of `OUTPUT_DIR/metrics.jsonl`
 as PNG files (default `OUTPUT_DIR/plots/`)."""
 
 from __future__ import annotations

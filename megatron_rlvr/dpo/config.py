@@ -235,8 +235,3 @@ def _check_files(key: str, files: list[str], check_paths: bool, empty_fix: str |
                                   "working directory unless they start with ./ or ../)")
             missing.append(path)
     return missing
-
-
-def save_dpo_config(cfg: DPOConfig, path: str) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

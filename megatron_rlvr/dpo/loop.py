@@ -145,7 +145,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
 
     from megatron_rlvr.checkpoint import Checkpointer, export_hf, latest_checkpoint, remove_incomplete
     from megatron_rlvr.data import PromptLoader
-    from megatron_rlvr.dpo.config import save_dpo_config
+    from megatron_rlvr.config import save_config
     from megatron_rlvr.metrics import MetricsWriter
     from megatron_rlvr.models.forward import forward_backward
     from megatron_rlvr.parallel.model import make_trainable
@@ -202,7 +202,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     if rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
         remove_incomplete(ckpt_root)
-        save_dpo_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     writer = MetricsWriter(cfg.output_dir, enabled=rank == 0, tensorboard=cfg.metrics.tensorboard,
                            resume_step=start_step)
     progress = None
