@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-outputs/demo}
 nproc=${NPROC:-2}
 seed=${SEED:-0}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 launch() { torchrun --standalone --nproc-per-node "$nproc" -m megatron_rlvr.cli "$@"; }
 
 python -m megatron_rlvr.demo prepare "$work" --seed "$seed" --digits "${DIGITS:-1}"

@@ -55,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
         make_pairs(cfg)
         return 0
+    from megatron_rlvr.commands.running import run_job
     from megatron_rlvr.dpo.loop import run_dpo
 
-    run_dpo(cfg)
-    return 0
+    return run_job("dpo", cfg.output_dir, lambda: run_dpo(cfg))
 
 
 def dry_run_report(cfg, world_size: int | None = None, *, make_pairs: bool = False) -> str:

@@ -15,7 +15,7 @@ import yaml
 
 from megatron_rlvr.config import (CheckpointConfig, ConfigError, MetricsConfig, ModelConfig, OptimizerConfig,
                                   ParallelConfig, _build, _resolve_relative, _set_dotted, check_model_parallel,
-                                  model_arch, parse_overrides, policy_stage_layers)
+                                  check_timeouts, model_arch, parse_overrides, policy_stage_layers)
 
 
 @dataclasses.dataclass
@@ -148,6 +148,7 @@ def validate_dpo(cfg: DPOConfig, world_size: int, *, check_paths: bool = True, m
     par = cfg.parallel
     if par.layout != "colocated":
         raise ConfigError("parallel.layout: DPO trains on every rank (colocated); remove parallel.layout=split")
+    check_timeouts(par)
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype={cfg.model.dtype!r} is not one of float32, bfloat16")
     if not cfg.model.path:

@@ -152,9 +152,12 @@ def run_dpo(cfg: DPOConfig) -> dict:
     from megatron_rlvr.parallel.state import init_distributed, init_model_parallel, seed_everything
     from megatron_rlvr.schedule import set_lr
     from megatron_rlvr.trainer import build_model
+    from megatron_rlvr.watchdog import start_watchdog
 
     validate_dpo(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.parallel.timeout_s)
+    watchdog = start_watchdog(cfg.parallel, rank, world)
+    watchdog.enter("startup", 0)
     seed_everything(cfg.train.seed)
     par = cfg.parallel
     pg = init_model_parallel(par.tensor_parallel, par.pipeline_parallel, seed=cfg.train.seed)
@@ -193,12 +196,13 @@ def run_dpo(cfg: DPOConfig) -> dict:
         reference_model, _ = build_model(cfg, cfg.model.path, pg, frozen=True)
 
     start_step = 0
-    if latest[0] is not None:
-        state = checkpointer.load(latest[0])
+    watchdog.enter("resume", 0)
+    state, resumed_from = checkpointer.load_latest() if latest[0] is not None else (None, None)
+    if state is not None:
         start_step = state["step"]
         loader.load_state_dict(state["loader"])
         if rank == 0:
-            logger.info("resumed from %s (step %d)", latest[0], start_step)
+            logger.info("resumed from step %d (%s)", start_step, resumed_from)
     if rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
         remove_incomplete(ckpt_root)
@@ -222,6 +226,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
 
     record: dict = {}
     for step in range(start_step + 1, steps + 1):
+        watchdog.enter("dpo step", step)
         started = time.perf_counter()
         batch = next(loader)
         loader_state = loader.state_dict()
@@ -266,10 +271,13 @@ def run_dpo(cfg: DPOConfig) -> dict:
                                  margin=f"{record['rewards/margin']:.3f}")
         interval = cfg.checkpoint.interval
         if (interval and step % interval == 0) or step == steps:
+            watchdog.enter("checkpoint", step)
             checkpointer.save(step, {"loader": loader_state})
 
     if cfg.checkpoint.export_hf:
+        watchdog.enter("export", steps)
         export_hf(model, arch, pg, cfg.model.path, os.path.join(cfg.output_dir, "hf"))
+    watchdog.stop()
     if progress is not None:
         progress.close()
     writer.close()

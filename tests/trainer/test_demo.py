@@ -16,8 +16,9 @@ CONFIGS = os.path.join(ROOT, "examples", "configs")
 
 
 def _env() -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)  # the plain-torch kernel twins: the interpreter is too slow for training
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the commands set it from rollout.kv_cache_gib, as a user runs them
     return env
 
 
