@@ -11,6 +11,9 @@ draw) and decode tokens/s (every later step: batch tokens per step). Beside it, 
   (weight bytes + mean KV bytes) / copy bandwidth, where the bandwidth is that of a large device-to-device tensor
   copy measured here (read + write bytes over time).
 
+Also reported: how far the sampled tokens' log-probs are from the trainer's recomputed ones (one forward of the
+last batch through `forward_backward`), the rollout-vs-trainer mismatch at this dtype.
+
 The engine samples at temperature 1 and no token ends a response, so every row runs the full length. Weights are
 random at `--size` (a Llama shape) or read from `--model` (a HF directory, e.g. SmolLM2 converted from GGUF).
 One process, TP = PP = 1.
@@ -80,12 +83,26 @@ def _time_engine(engine, prompts, sampling, repeats) -> dict:
     """Best time to first token and best decode rate over `repeats` runs after a warm-up run."""
     runs = []
     for _ in range(repeats + 1):
-        engine.generate(prompts, sampling)
+        samples = engine.generate(prompts, sampling)
         runs.append(dict(engine.timings))
         engine.sleep()
     runs = runs[1:]
     return {"ttft_s": min(t["prefill_s"] for t in runs),
-            "decode_tokens_per_s": max(len(prompts) * t["decode_steps"] / t["decode_s"] for t in runs)}
+            "decode_tokens_per_s": max(len(prompts) * t["decode_steps"] / t["decode_s"] for t in runs),
+            "samples": samples}
+
+
+def logprob_gap(model, pg, samples, vocab_size: int, micro_batch: int) -> tuple[float, float]:
+    """(max, mean) |sampled log-prob - the trainer's recomputed log-prob| over all response tokens."""
+    from megatron_rlvr.models.forward import forward_backward, split_micro_batches
+
+    device = next(model.parameters()).device
+    tokens = torch.tensor([s.prompt_ids + s.response_ids for s in samples], device=device)  # all full length
+    with torch.no_grad():
+        out = forward_backward(model, split_micro_batches(tokens, micro_batch), pg, valid_vocab_size=vocab_size)
+    recomputed = torch.cat([o["logprobs"] for o in out])[:, len(samples[0].prompt_ids) - 1:].float().cpu()
+    gap = (torch.tensor([s.logprobs for s in samples]) - recomputed).abs()
+    return float(gap.max()), float(gap.mean())
 
 
 def _time_hf(model_dir, prompts, new_tokens, dtype, device, repeats) -> dict:
@@ -142,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         engine = MegatronEngine(model, pg, arch, eos_ids=())
         sampling = SamplingConfig(n=1, temperature=1.0, max_tokens=args.new_tokens)
         ours = _time_engine(engine, prompts, sampling, args.repeats)
+        gap_max, gap_mean = logprob_gap(model, pg, ours["samples"], arch.vocab_size, max(1, args.batch // 4))
         del engine, model
         hf = None if args.no_hf else _time_hf(model_dir, prompts, args.new_tokens, dtype, device, args.repeats)
 
@@ -156,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         "ttft_s": ours["ttft_s"], "decode_tokens_per_s": ours["decode_tokens_per_s"],
         "copy_bandwidth_gb_per_s": bandwidth / 1e9, "decode_step_mb": step_bytes / 1e6,
         "bandwidth_limit_tokens_per_s": limit, "fraction_of_bandwidth_limit": ours["decode_tokens_per_s"] / limit,
+        "logprob_max_abs_diff_vs_trainer": gap_max, "logprob_mean_abs_diff_vs_trainer": gap_mean,
     }
     if hf is not None:
         result.update({"hf_static_ttft_s": hf["ttft_s"], "hf_static_decode_tokens_per_s": hf["decode_tokens_per_s"],
