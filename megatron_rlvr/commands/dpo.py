@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print layout, process groups and run length; build nothing")
     parser.add_argument("--world-size", type=int, default=None,
-                        help="--dry-run: plan for this many ranks (default: parallel.world_size, WORLD_SIZE or TP x PP)")
+                        help="--dry-run: plan for this many ranks (default: parallel.world_size, WORLD_SIZE, TP x PP)")
     parser.add_argument("--export-hf", action="store_true",
                         help="write the final policy as a HuggingFace directory, <output_dir>/hf")
     parser.add_argument("--list-keys", action="store_true", help="print every config key with its doc and exit")

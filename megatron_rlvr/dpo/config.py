@@ -191,7 +191,8 @@ def validate_dpo(cfg: DPOConfig, world_size: int, *, check_paths: bool = True, m
             raise ConfigError("pairs.samples_per_prompt must be >= 2: a pair needs a verified and a failed response")
         longest = getattr(arch, "max_position_embeddings", None)
         if longest and pairs.max_prompt_length + pairs.max_tokens > longest:
-            raise ConfigError(f"pairs.max_prompt_length={pairs.max_prompt_length} + pairs.max_tokens={pairs.max_tokens} "
+            raise ConfigError(f"pairs.max_prompt_length={pairs.max_prompt_length} + "
+                              f"pairs.max_tokens={pairs.max_tokens} "
                               f"exceeds the model's max_position_embeddings={longest} ({source}); lower them")
         if pairs.temperature <= 0:
             raise ConfigError(f"pairs.temperature={pairs.temperature} must be > 0: identical greedy samples make "

@@ -36,7 +36,8 @@ def _sampling_job(cfg: DPOConfig):
     pairs = cfg.pairs
     return config_from_dict({
         "model": {"path": cfg.model.path, "dtype": cfg.model.dtype, "pad_vocab_multiple": cfg.model.pad_vocab_multiple},
-        "parallel": {"tensor_parallel": cfg.parallel.tensor_parallel, "pipeline_parallel": cfg.parallel.pipeline_parallel,
+        "parallel": {"tensor_parallel": cfg.parallel.tensor_parallel,
+                     "pipeline_parallel": cfg.parallel.pipeline_parallel,
                      "rollout_tensor_parallel": cfg.parallel.rollout_tensor_parallel},
         "data": {"train_files": list(pairs.prompt_files), "chat_template": cfg.data.chat_template,
                  "max_prompt_length": pairs.max_prompt_length},
