@@ -22,13 +22,13 @@ One process, TP = PP = 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 
 import torch
 
+from megatron_rlvr.benchmarks import report
 from megatron_rlvr.benchmarks.train import SIZES
 
 
@@ -179,9 +179,5 @@ def run(args: argparse.Namespace) -> int:
     if hf is not None:
         result.update({"hf_static_ttft_s": hf["ttft_s"], "hf_static_decode_tokens_per_s": hf["decode_tokens_per_s"],
                        "decode_speed_vs_hf": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"]})
-    for key, value in result.items():
-        print(f"{key:>30}: {value:.4g}" if isinstance(value, float) else f"{key:>30}: {value}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
     return 0

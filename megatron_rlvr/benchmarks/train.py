@@ -11,7 +11,6 @@ Runs under torchrun for TP > 1 (`torchrun --nproc-per-node N -m megatron_rlvr.cl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -117,9 +116,7 @@ def run(args: argparse.Namespace) -> int:
         "peak_memory_gib": platform.max_memory_allocated() / 2**30, "recompute": args.recompute,
     }
     if rank == 0:
-        for key, value in result.items():
-            print(f"{key:>30}: {value:.4g}" if isinstance(value, float) else f"{key:>30}: {value}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+        from megatron_rlvr.benchmarks import report
+
+        report(result, args.json)
     return 0

@@ -74,7 +74,11 @@ def _engine(model_dir, model, arch, pg):
 
 def _trainer_logprobs(model, pg, samples, vocab_size, temperature):
     """The trainer's log-probs of each sample's response tokens (every rank; from the last pipeline stage)."""
-    from megatron_rlvr.models.forward import broadcast_from_last_stage, forward_backward, split_micro_batches
+    from megatron_rlvr.models.forward import (
+        broadcast_from_last_stage,
+        forward_backward,
+        split_micro_batches,
+    )
     from tests.rollout.common import samples_batch
 
     tokens, _, mask = samples_batch(samples)
@@ -143,9 +147,9 @@ def _one_rank_worker(rank, world, model_dir, prompts):
     released = (engine.kv_cache_bytes(), cache_tensor() is None)
     after_sleep = engine.generate(prompts, sampling)
     recomputed = _trainer_logprobs(model, pg, sampled, arch.vocab_size, 0.7)
-    return dict(greedy=greedy, uncached=uncached, sampled=sampled, recomputed=recomputed, cache_bytes=cache_bytes,
-                reused=reused, released=released, same_again=again == sampled, same_after_sleep=after_sleep == sampled,
-                training=model.training)
+    return {"greedy": greedy, "uncached": uncached, "sampled": sampled, "recomputed": recomputed,
+            "cache_bytes": cache_bytes, "reused": reused, "released": released, "same_again": again == sampled,
+            "same_after_sleep": after_sleep == sampled, "training": model.training}
 
 
 def test_generate_one_rank_equals_hf_and_uncached(tmp_path):
@@ -285,7 +289,7 @@ def test_train_grpo_with_megatron_backend(tmp_path):
                                                "train.steps": 2, "checkpoint.interval": 0})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "-m", "megatron_rlvr.cli", "train", *args]
-    proc = subprocess.run(cmd, env=job_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, check=False, env=job_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, f"train failed:\n{(proc.stdout + proc.stderr)[-6000:]}"
     rows = read_metrics(str(tmp_path / "out"))
     assert [r["step"] for r in rows] == [1, 2]
