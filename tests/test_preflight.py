@@ -67,7 +67,8 @@ def test_empty_file_named(tmp_path, tokenizer):
 def test_every_prompt_too_long_names_the_file(tmp_path, tokenizer):
     long = dict(GOOD, messages=[{"role": "user", "content": "x" * 500}])
     train = _write(tmp_path / "train.jsonl", [long, long])
-    with pytest.raises(InputError, match=rf"no prompt of {train} is left: all 2 are longer than max_prompt_length"):
+    with pytest.raises(InputError, match=rf"no prompt is left: all 2 are longer than max_prompt_length=64 tokens "
+                                         rf"\({train}\)"):
         load_prompt_sets(_cfg(train), tokenizer)
 
 

@@ -33,14 +33,14 @@ class RLVRPromptDataset(Sequence[Prompt]):
         ]
         self.num_dropped = len(records) - len(self.prompts)
         if self.num_dropped:
-            logger.warning("dropped %d of %d prompts of %s longer than max_prompt_length=%d tokens",
-                           self.num_dropped, len(records), origin, max_prompt_length)
+            logger.warning("dropped %d of %d prompts longer than max_prompt_length=%d tokens (%s)",
+                           self.num_dropped, len(records), max_prompt_length, origin)
         if not records:
             raise ValueError("no records to build prompts from: check data.train_files / data.eval_files")
         if not self.prompts:
             raise ValueError(
-                f"no prompt of {origin} is left: all {len(records)} are longer than max_prompt_length="
-                f"{max_prompt_length} tokens; raise data.max_prompt_length"
+                f"no prompt is left: all {len(records)} are longer than max_prompt_length={max_prompt_length} "
+                f"tokens ({origin}); raise data.max_prompt_length"
             )
 
     @classmethod
