@@ -157,7 +157,7 @@ class Watchdog:
             try:
                 raw = self.store.get(_KEY_PREFIX + str(rank)) if self.store.check([_KEY_PREFIX + str(rank)]) else b""
             except Exception:  # noqa: BLE001 - the store itself may be what hangs
-                return [f"(the job's store did not answer; ranks unknown)"]
+                return ["(the job's store did not answer; ranks unknown)"]
             if not raw:
                 away.append(f"rank {rank} (no report yet)")
                 continue

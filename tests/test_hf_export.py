@@ -51,7 +51,7 @@ def _worker(rank, world, model_dir, out):
         gc.collect()
         baseline, peak, running = _rss(), [0], [True]
 
-        def sample():
+        def sample(peak=peak, running=running):
             while running[0]:
                 peak[0] = max(peak[0], _rss())
                 time.sleep(0.001)

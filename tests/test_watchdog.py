@@ -144,7 +144,7 @@ def test_sigstopped_rank_is_reported_and_the_job_ends(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    report = [line for line in log.read_text().splitlines() if "not there: rank 1" in line][0]
+    report = next(line for line in log.read_text().splitlines() if "not there: rank 1" in line)
     assert "rank 0: phase '" in report and "of step " in report, report
     assert reported_after < TIMEOUT_S, reported_after
     assert proc.returncode != 0

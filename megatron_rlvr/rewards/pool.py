@@ -40,7 +40,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from megatron_rlvr.rewards.registry import RecordError, get_verifier, run_verifier
+from megatron_rlvr.rewards.registry import RecordError, get_verifier
 
 logger = logging.getLogger(__name__)
 
