@@ -19,7 +19,7 @@ MISBEHAVING = "tests.rewards.misbehaving_verifiers"
 def _table_records():
     records = [("gsm8k", p, t) for p, t, _ in test_gsm8k.CASES.values()]
     records += [("math", p, t) for p, t, _ in test_math.CASES.values()]
-    records += [("ifeval", p, t) for p, t, _ in test_ifeval.CASES.values()]
+    records += [("ifeval", p, t) for p, t, _ in test_ifeval.DIFFERENCES.values()]
     return records
 
 
@@ -144,7 +144,7 @@ def test_verify_scores_and_bounds_time():
         assert verify("math", "\\boxed{9^{9^{9^{9}}}}", "1") == 0.0
         assert time.monotonic() - start < HANG_GUARD_S
         assert verify("gsm8k", "so 2", "2") == 1.0
-        with pytest.raises(ValueError, match="unknown IFEval function 'nope'"):
+        with pytest.raises(ValueError, match="unknown ifeval func_name 'nope'"):
             verify("ifeval", "x", json.dumps({"func_name": "nope"}))
     finally:
         configure_default_pool()
