@@ -355,6 +355,8 @@ class VllmEngine:
                                "; ".join(f"rank(s) {ranks}: {why}" for why, ranks in by_reason.items()))
             return
         self.sync_path = best
+        if self.groups.rank == 0:
+            logger.info("weight sync: the %s copy (%s layout)", best, self.layout.kind)
 
     def _direct_unavailable(self, model: torch.nn.Module | None) -> str | None:
         """Split layout: why this rank's engine cannot take the received shards straight into its parameters
