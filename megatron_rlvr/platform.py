@@ -48,6 +48,24 @@ class Platform:
     def empty_cache(self) -> None:
         """Return freed blocks held by the device's caching allocator (after a KV cache is dropped)."""
 
+    def varlen_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         max_seqlen: int, *, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+        """Causal attention within each of the sequences packed back to back: q `[T, H, d]`, k and v `[T, G, d]`
+        (G divides H: grouped-query attention), `cu_seqlens` `[N + 1]` their starts and the total T -> `[T, H, d]`.
+
+        This exact path runs SDPA once per sequence, so no `[T, T]` mask is ever built; a device with a
+        variable-length kernel overrides it."""
+        out = torch.empty_like(q)
+        bounds = cu_seqlens.tolist()
+        gqa = q.shape[1] != k.shape[1]
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                qs, ks, vs = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, n, d]
+                context = torch.nn.functional.scaled_dot_product_attention(
+                    qs, ks, vs, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
+                out[start:end] = context[0].transpose(0, 1)
+        return out
+
 
 class CudaPlatform(Platform):
     name = "cuda"
@@ -73,6 +91,38 @@ class CudaPlatform(Platform):
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
+
+    def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, *, scale, dropout_p=0.0):
+        """flash-attn's varlen kernel where it is installed, else torch's own (`torch.nn.attention.varlen`, flash
+        attention in torch); both take fp16/bf16 only, so fp32 uses the exact per-sequence path."""
+        kernel = _cuda_varlen_kernel()
+        if kernel is None or q.dtype not in (torch.float16, torch.bfloat16):
+            return super().varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=scale, dropout_p=dropout_p)
+        cu = cu_seqlens.to(torch.int32)
+        return kernel(q, k, v, cu, max_seqlen, scale, dropout_p)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_varlen_kernel():
+    """`(q, k, v, cu_seqlens_int32, max_seqlen, scale, dropout_p) -> out`, or None when neither kernel exists."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        return lambda q, k, v, cu, n, scale, p: flash_attn_varlen_func(
+            q, k, v, cu, cu, n, n, dropout_p=p, softmax_scale=scale, causal=True)
+    except ImportError:
+        pass
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+
+    def torch_varlen(q, k, v, cu, n, scale, p):
+        if p:
+            raise ValueError("torch's varlen attention has no dropout; set attention_dropout to 0")
+        return varlen_attn(q, k, v, cu, cu, n, n, scale=scale, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+
+    return torch_varlen
 
 
 def _is_cuda_device(device) -> bool:

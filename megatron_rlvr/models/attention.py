@@ -4,7 +4,8 @@ Plugged in as the `core_attention` submodule of megatron-core's `SelfAttention` 
 `[s, b, heads, head_dim]` layout, lets SDPA pick its fused kernel (flash / memory-efficient on GPU), handles
 grouped-query attention without materialising repeated keys, and supports packed sequences: with
 `packed_seq_params` (cu_seqlens of the packed sequences) attention is causal within each sequence and never
-crosses a sequence boundary.
+crosses a sequence boundary, through the platform's variable-length kernel (`Platform.varlen_attention`: flash-attn
+or torch's varlen attention on a GPU, SDPA per sequence on the CPU), so no `[T, T]` mask is built.
 """
 
 from __future__ import annotations
@@ -19,18 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-
-def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Boolean `[total, total]` mask, True where attention is allowed: causal and inside one sequence.
-
-    `cu_seqlens` are the cumulative sequence starts `[0, len0, len0+len1, ...]`; positions past the last
-    sequence (padding of the packed buffer) attend only to themselves so SDPA never sees an empty row.
-    """
-    positions = torch.arange(total, device=cu_seqlens.device)
-    seq_id = torch.searchsorted(cu_seqlens[1:], positions, right=True)
-    same = seq_id[:, None] == seq_id[None, :]
-    causal = positions[:, None] >= positions[None, :]
-    return (same & causal) | torch.eye(total, dtype=torch.bool, device=cu_seqlens.device)
+from megatron_rlvr.platform import current_platform
 
 
 def cached_causal_mask(sq: int, sk: int, device) -> torch.Tensor:
@@ -87,15 +77,19 @@ class SDPAttention(MegatronModule):
         """
         if attention_bias is not None:
             raise ValueError("SDPAttention does not take an attention bias")
-        if query.dim() == 3:  # packed sequences (THD) arrive as [t, heads, d]: a batch of one
+        if packed_seq_params is not None:  # packed sequences (THD): [t, heads, d], attention within each sequence
+            if query.dim() == 4:
+                query, key, value = (x.squeeze(1) for x in (query, key, value))
+            context = current_platform().varlen_attention(
+                query, key, value, packed_seq_params.cu_seqlens_q, int(packed_seq_params.max_seqlen_q),
+                scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0)
+            return context.reshape(context.shape[0], 1, self.heads * self.head_dim)
+        if query.dim() == 3:  # a THD batch of one without sequence boundaries
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # SDPA wants [b, heads, s, d]
         mask = None
         causal = True
-        if packed_seq_params is not None:
-            mask = packed_causal_mask(packed_seq_params.cu_seqlens_q, q.shape[2])
-            causal = False
-        elif attention_mask is not None:
+        if attention_mask is not None:
             mask = ~attention_mask
             causal = False
         elif q.shape[2] != k.shape[2]:
