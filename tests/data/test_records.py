@@ -113,7 +113,7 @@ def test_malformed_records_skipped_and_logged(malformed_file, caplog):
     assert [r.source for r in records] == [f"{malformed_file}:line 1", f"{malformed_file}:line 7"]
     log = caplog.text
     assert f"{malformed_file}:line 3: invalid JSON" in log
-    assert f"{malformed_file}:line 4: 'ground_truth' must be a string, got int" in log
+    assert f"{malformed_file}:line 4: 'ground_truth' must be a string (or a JSON list/object), got int" in log
     assert f"{malformed_file}:line 5: missing field(s) dataset" in log
     assert f"{malformed_file}:line 6: messages[0] must be an object with string 'role' and 'content'" in log
     assert "skipped 4 malformed record(s); 2 loaded" in log
