@@ -214,4 +214,7 @@ def timed_out_report() -> str | None:
 
 def _flush_logs() -> None:
     for handler in logging.getLogger("megatron_rlvr").handlers:
-        handler.flush()
+        try:
+            handler.flush()
+        except (OSError, ValueError):  # a closed stream must not keep a hung job from ending
+            pass

@@ -1,7 +1,10 @@
-"""A shorter run of the embedded demo through the real CLI: the bundled task, the demo's SFT warm start, then 20
-of its GRPO steps with in-process vLLM rollouts under torchrun (2 ranks, colocated). The verified reward mean of
-the last 5 steps exceeds that of the first 5 by more than 0.05 (the full demo rises by about 0.15 over these steps;
-a 5-step mean of 128 samples a step has a standard deviation of about 0.03).
+"""A shorter run of the embedded demo through the real CLI: the bundled task, the demo's SFT warm start, then 30
+of its GRPO steps with in-process vLLM rollouts under torchrun (2 ranks, colocated). The verified reward mean rises:
+the least-squares line through the 30 step means climbs by more than 0.05 over the run.
+
+Where the SFT model starts varies by machine (its last steps run at the peak learning rate: step-1 reward 0.37 on
+one machine, 0.66 on another), and so does the headroom; the line's rise has a standard error of about 0.04 (a step
+mean of 128 samples varies by about 0.06), and the measured rises over 20 steps were 0.20 and 0.07.
 """
 
 import json
@@ -39,7 +42,7 @@ def test_demo_reward_rises(tmp_path):
     _run(_torchrun("sft", "--config", os.path.join(CONFIGS, "demo-sft.yaml"), f"output_dir={work}/sft",
                    f"model.path={work}/model", f"data.train_files=[{work}/data/sft.jsonl]"),
          timeout=600)
-    steps = 20
+    steps = 30
     _run(_torchrun("train", "--config", os.path.join(CONFIGS, "tiny-cpu.yaml"), f"output_dir={work}/rlvr",
                    f"model.path={work}/sft/hf", f"data.train_files=[{work}/data/train.jsonl]", "data.eval_files=[]",
                    f"train.steps={steps}", "checkpoint.interval=0", "metrics.tensorboard=false",
@@ -47,5 +50,8 @@ def test_demo_reward_rises(tmp_path):
     with open(os.path.join(work, "rlvr", "metrics.jsonl")) as f:
         rewards = [r["reward_mean"] for r in map(json.loads, f) if "reward_mean" in r]
     assert len(rewards) == steps
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert last > first + 0.05, f"verified reward mean did not rise: {[round(r, 3) for r in rewards]}"
+    mean_step, mean_reward = (steps - 1) / 2, sum(rewards) / steps
+    slope = sum((i - mean_step) * (r - mean_reward) for i, r in enumerate(rewards)) / sum(
+        (i - mean_step) ** 2 for i in range(steps))
+    assert slope * (steps - 1) > 0.05, (
+        f"verified reward mean did not rise (fitted rise {slope * (steps - 1):.3f}): {[round(r, 3) for r in rewards]}")
