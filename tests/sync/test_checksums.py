@@ -46,7 +46,7 @@ def test_plan_checksums_match_vllm_layout(monkeypatch, arch, train_tp, rollout_t
         reference = {n: t.to(vllm_dtype) for n, t in vllm_reference(hf, arch, rollout_tp, j).items()}
         expected = _expected(arch, shards, train_tp, train_vocab, rollout_tp, j, vllm_dtype)
         held = {name: tensor_checksum(t) for name, t in reference.items()}
-        assert held == {name: expected.get(name, 0) for name in reference}, f"rollout rank {j}"
+        assert held == {name: expected.get(name, 0) % checksums.PRIME for name in reference}, f"rollout rank {j}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
