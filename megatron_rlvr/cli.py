@@ -16,7 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("megatron_rlvr.commands.sft", "supervised warm start on response tokens"),
     "dpo": ("megatron_rlvr.commands.dpo", "DPO on preference pairs; --make-pairs makes them with the verifiers"),
     "convert": ("megatron_rlvr.commands.convert", "convert checkpoints between HF and megatron layouts"),
-    "bench": ("megatron_rlvr.commands.bench", "benchmarks: kernels, sync, train, partition, rewards"),
+    "bench": ("megatron_rlvr.commands.bench", "benchmarks: kernels, sync, train, step, partition, rewards, generate"),
     "plan": ("megatron_rlvr.commands.plan", "predict memory and step time of a layout"),
     "eval": ("megatron_rlvr.commands.eval", "score a policy on held-out verifiable prompts"),
     "plot": ("megatron_rlvr.commands.plot", "draw metric curves of an output directory to PNG"),

@@ -223,7 +223,12 @@ class TrainConfig:
     """Prompts per rollout batch (each sampled rollout.n times); a multiple of data-parallel size x
     algorithm.mini_batches."""
     micro_batch_size: int = 8
-    """Sequences per forward/backward micro-batch."""
+    """Sequences per forward/backward micro-batch of the padded layout (max_tokens_per_micro_batch: 0)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Every model pass (old and reference log-probs, values, updates) packs the rows of a DP rank back to back
+    into micro-batches of at most this many tokens, spread by the balanced partition; null: micro_batch_size x
+    (data.max_prompt_length + rollout.max_tokens), the padded layout's bound; 0: padded micro-batches of
+    micro_batch_size rows (each row padded to the micro-batch's longest)."""
     seed: int = 1
     """Seeds data order, sampling and model-parallel RNG."""
     eval_interval: int = 0
@@ -595,6 +600,10 @@ def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool
     for key in positive:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
+    budget = cfg.train.max_tokens_per_micro_batch
+    if budget is not None and budget < 0:
+        raise ConfigError(f"train.max_tokens_per_micro_batch={budget} must be >= 0 (0: padded micro-batches; null: "
+                          "micro_batch_size x the longest sequence)")
     from megatron_rlvr.schedule import check_optimizer
 
     check_optimizer(cfg.train.optimizer, "train.optimizer")

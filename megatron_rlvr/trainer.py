@@ -317,9 +317,9 @@ def pack_rollouts(samples, rewards: list[float], pad_id: int) -> RolloutBatch:
 
 def per_token(model, batch: RolloutBatch, pg, cfg: JobConfig, vocab: int, *, value_model: bool = False):
     """Forward-only log-probs (or values) `[B, S-1]` of `batch` on every PP stage of this DP rank."""
-    from megatron_rlvr.models.forward import broadcast_from_last_stage, forward_backward, split_micro_batches
+    from megatron_rlvr.models.forward import broadcast_from_last_stage, forward_backward, scatter_rows
 
-    mbs = split_micro_batches(batch.tokens, cfg.train.micro_batch_size, lengths=batch.lengths)
+    mbs = micro_batches_of(batch, cfg)
     with torch.no_grad():
         out = forward_backward(model, mbs, pg, valid_vocab_size=vocab, temperature=cfg.rollout.temperature,
                                value_model=value_model)
@@ -327,8 +327,26 @@ def per_token(model, batch: RolloutBatch, pg, cfg: JobConfig, vocab: int, *, val
     full = None
     if out:
         key = "values" if value_model else "logprobs"
-        full = torch.cat([torch.nn.functional.pad(o[key].float(), (0, shape[1] - o[key].shape[1])) for o in out])
+        full = scatter_rows([o[key] for o in out], mbs, shape)
     return broadcast_from_last_stage(full, shape, torch.float32, pg) * batch.mask
+
+
+def token_budget(cfg: JobConfig) -> int:
+    """Tokens per packed micro-batch (`train.max_tokens_per_micro_batch`; null: micro_batch_size of the longest
+    sequences the config allows, the padded layout's bound); 0: padded micro-batches."""
+    budget = cfg.train.max_tokens_per_micro_batch
+    if budget is None:
+        return cfg.train.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_tokens)
+    return budget
+
+
+def micro_batches_of(batch: RolloutBatch, cfg: JobConfig, fields: dict | None = None):
+    """The micro-batches of every model pass over `batch` (old, reference, value, update): packed and balanced
+    under `token_budget`, or padded."""
+    from megatron_rlvr.models.forward import micro_batches
+
+    return micro_batches(batch.tokens, batch.lengths, micro_batch_size=cfg.train.micro_batch_size,
+                         max_tokens=token_budget(cfg), fields=fields)
 
 
 def _global_sum(value: torch.Tensor, group) -> torch.Tensor:
@@ -340,7 +358,7 @@ def _global_sum(value: torch.Tensor, group) -> torch.Tensor:
 def update_policy(models: Models, batch: RolloutBatch, pg, cfg: JobConfig, vocab: int, kl_coef: float) -> list[dict]:
     """One optimizer step on `batch` (a mini-batch); returns the last stage's per-micro-batch stats."""
     from megatron_rlvr.algorithms import aggregate_loss, get_policy_loss, kl_loss, loss_denominator, rollout_correction
-    from megatron_rlvr.models.forward import forward_backward, split_micro_batches
+    from megatron_rlvr.models.forward import forward_backward
 
     algo = cfg.algorithm
     norm = cfg.rollout.max_tokens
@@ -377,21 +395,23 @@ def update_policy(models: Models, batch: RolloutBatch, pg, cfg: JobConfig, vocab
         return loss, stats
 
     fields = {"mask": batch.mask, **batch.fields}
-    mbs = split_micro_batches(batch.tokens, cfg.train.micro_batch_size, fields=fields, lengths=batch.lengths)
+    mbs = micro_batches_of(batch, cfg, fields)
     models.policy.zero_grad_buffer()
     models.optimizer.zero_grad()
     stats = forward_backward(models.policy, mbs, pg, valid_vocab_size=vocab, loss_fn=loss_fn,
                              temperature=cfg.rollout.temperature, want_entropy=True)
     ok, grad_norm, _ = models.optimizer.step()
-    for s in stats:
-        s["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        s["actor/update_skipped"] = float(not ok)
-    return stats
+    if not stats:  # not the last pipeline stage
+        return []
+    update = combine_micro_batches(stats, [mb.fields["mask"].sum() for mb in mbs])
+    update["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    update["actor/update_skipped"] = float(not ok)
+    return [update]
 
 
 def update_value(models: Models, batch: RolloutBatch, pg, cfg: JobConfig) -> list[dict]:
     from megatron_rlvr.algorithms import clipped_value_loss, loss_denominator
-    from megatron_rlvr.models.forward import forward_backward, split_micro_batches
+    from megatron_rlvr.models.forward import forward_backward
 
     algo = cfg.algorithm
     denominator = _global_sum(loss_denominator(batch.mask, algo.loss_agg_mode, cfg.rollout.max_tokens), pg.dp)
@@ -404,15 +424,28 @@ def update_value(models: Models, batch: RolloutBatch, pg, cfg: JobConfig) -> lis
         return algo.value_loss_coef * loss, {"critic/vf_clipfrac": stats["vf_clipfrac"], "loss/value": loss.detach()}
 
     fields = {"mask": batch.mask, "values": batch.fields["values"], "returns": batch.fields["returns"]}
-    mbs = split_micro_batches(batch.tokens, cfg.train.micro_batch_size, fields=fields, lengths=batch.lengths)
+    mbs = micro_batches_of(batch, cfg, fields)
     models.value.zero_grad_buffer()
     models.value_optimizer.zero_grad()
     stats = forward_backward(models.value, mbs, pg, valid_vocab_size=1, loss_fn=loss_fn, value_model=True)
     models.value_optimizer.step()
-    return stats
+    return [combine_micro_batches(stats, [mb.fields["mask"].sum() for mb in mbs])] if stats else []
 
 
 # ------------------------------------------------------------------------------------------------ stats
+
+
+def combine_micro_batches(stats: list[dict], tokens: list) -> dict[str, float]:
+    """One update's stats from its micro-batches': the `loss/*` terms are each micro-batch's share of the global
+    loss and add up; the rest are means over a micro-batch's response tokens, weighted by them."""
+    total = float(sum(float(t) for t in tokens)) or 1.0
+    out = {}
+    for key in {k for s in stats for k in s}:
+        if key.startswith("loss/"):
+            out[key] = float(sum(float(s[key]) for s in stats if key in s))
+        else:
+            out[key] = float(sum(float(s[key]) * float(t) for s, t in zip(stats, tokens) if key in s)) / total
+    return out
 
 
 def mean_stats(per_micro_batch: list[dict]) -> dict[str, float]:
@@ -422,10 +455,16 @@ def mean_stats(per_micro_batch: list[dict]) -> dict[str, float]:
 
 
 def gather_mean(stats: dict[str, float] | None) -> dict[str, float]:
-    """Average `stats` over the ranks that pass one (last PP stage, TP rank 0); every rank gets the result."""
+    """Average `stats` over the ranks that pass one (last PP stage, TP rank 0: one per data-parallel replica);
+    the `loss/*` terms, each replica's share of the global loss, are added up. Every rank gets the result."""
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, stats)
-    return mean_stats([s for s in gathered if s])
+    passed = [s for s in gathered if s]
+    out = mean_stats(passed)
+    for key in out:
+        if key.startswith("loss/"):
+            out[key] = float(sum(s[key] for s in passed if key in s))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -712,11 +751,9 @@ def train_step(models: Models, arch, pg, cfg: JobConfig, samples, rewards: list[
     from megatron_rlvr.models.value import gather_rows, prompt_share
 
     algo = cfg.algorithm
-    prompts_per_rank = cfg.train.prompts_per_step // dp_size
-
     # 3. this DP rank's prompt groups; log-probs of old policy / reference, values
     t = time.perf_counter()
-    mine = range(pg.dp.rank() * prompts_per_rank, (pg.dp.rank() + 1) * prompts_per_rank)
+    mine = prompt_share(pg, samples, cfg.train.prompts_per_step)
     local = [i for i, s in enumerate(samples) if s.prompt_index in mine]
     batch = pack_rollouts([samples[i] for i in local], [rewards[i] for i in local], tokenizer.pad_token_id)
     if needs_old:
@@ -730,7 +767,7 @@ def train_step(models: Models, arch, pg, cfg: JobConfig, samples, rewards: list[
             vmine, vbatch = mine, batch
             values = per_token(models.value, batch, pg, cfg, 1, value_model=True)
         else:
-            vmine = prompt_share(vpg, cfg.train.prompts_per_step)
+            vmine = prompt_share(vpg, samples, cfg.train.prompts_per_step)
             vlocal = [i for i, s in enumerate(samples) if s.prompt_index in vmine]
             vbatch = pack_rollouts([samples[i] for i in vlocal], [rewards[i] for i in vlocal], tokenizer.pad_token_id)
             # rows are left-aligned `[prompt | response | pad]`: column t is the same position in every packing
@@ -767,11 +804,12 @@ def train_step(models: Models, arch, pg, cfg: JobConfig, samples, rewards: list[
     lr = set_lr(models.optimizer, cfg.train.optimizer, first_update, total_updates)
     if models.value is not None:
         set_lr(models.value_optimizer, cfg.train.value_optimizer, first_update, total_updates)
-    def mini_batches(rows: RolloutBatch, share: range, epoch: int):
+    def mini_batches(rows: RolloutBatch, share: list[int], epoch: int):
         """The rows of each mini-batch: whole prompt groups, in an order drawn per step and epoch."""
-        of_row = torch.tensor(rows.group_ids) - share.start
+        of_row, prompts = torch.tensor(rows.group_ids), torch.tensor(share)
         order = torch.randperm(len(share), generator=torch.Generator().manual_seed(step * 7919 + epoch))
-        return [rows.rows(torch.isin(of_row, chunk).nonzero().flatten()) for chunk in order.chunk(algo.mini_batches)]
+        return [rows.rows(torch.isin(of_row, prompts[chunk]).nonzero().flatten())
+                for chunk in order.chunk(algo.mini_batches)]
 
     policy_stats, value_stats = [], []
     for epoch in range(algo.ppo_epochs):
@@ -785,6 +823,6 @@ def train_step(models: Models, arch, pg, cfg: JobConfig, samples, rewards: list[
         stats.update(mean_stats(policy_stats))
         stats.update({f"kl_penalty/{k}": float(v) for k, v in kl_stats.items()})
         stats.update({"lr": lr, "timing/logprob_s": logprob_s})
-    if value_stats:  # the value grid's last stage
+    if value_stats and vpg.tp.rank() == 0:  # the value grid's last stage, one rank per value replica
         stats.update(mean_stats(value_stats))
     return stats or None

@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "sync-inplace": ("megatron_rlvr.benchmarks.sync_inplace",
                      "colocated in-place sync into vLLM's parameter layout vs a device copy (no vLLM needed)"),
     "train": ("megatron_rlvr.benchmarks.train", "forward+backward tokens/s and MFU of the policy"),
+    "step": ("megatron_rlvr.benchmarks.step", "update phase on a long-tailed rollout batch, padded vs packed"),
     "partition": ("megatron_rlvr.benchmarks.partition", "balanced sequence partitioning, C++ vs Python"),
     "rewards": ("megatron_rlvr.benchmarks.rewards", "verifier throughput of the reward pool"),
     "generate": ("megatron_rlvr.benchmarks.generate",

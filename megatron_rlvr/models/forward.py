@@ -41,6 +41,8 @@ class MicroBatch:
     fields: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     lengths: torch.Tensor | None = None
     """per-sequence lengths of a packed micro-batch (None: padded layout)"""
+    rows: torch.Tensor | None = None
+    """the batch rows this micro-batch holds, in its order (where per-row outputs go back to)"""
 
     @property
     def labels(self) -> torch.Tensor:
@@ -57,31 +59,32 @@ class MicroBatch:
         return out
 
 
-def pack_micro_batches(
+def balanced_micro_batches(
     tokens: torch.Tensor, lengths: torch.Tensor, token_budget: int, fields: dict[str, torch.Tensor] | None = None
 ) -> list[MicroBatch]:
-    """Pack right-padded sequences, in order, into micro-batches of at most `token_budget` tokens each.
+    """Packed micro-batches of at most `token_budget` tokens, as few as fit, with near-equal token counts.
 
-    A sequence longer than the budget gets a micro-batch of its own. Balancing which sequences go together is
-    the job of `megatron_rlvr.data.partition`; this only lays them out.
-    """
+    The rows are spread by the balanced partition (`data.partition`, the compiled one where built) over
+    ceil(total / budget) micro-batches, one more until every part fits (a row longer than the budget gets a
+    micro-batch of its own). Deterministic in the lengths, so the stages of a pipeline, which hold the same rows,
+    cut the same micro-batches."""
+    from megatron_rlvr.data.partition import partition
+
     fields = fields or {}
-    groups, current, used = [], [], 0
-    for row, length in enumerate(lengths.tolist()):
-        if current and used + length > token_budget:
-            groups.append(current)
-            current, used = [], 0
-        current.append(row)
-        used += length
-    if current:
-        groups.append(current)
+    sizes = [int(n) for n in lengths.tolist()]
+    count = min(len(sizes), max(1, -(-sum(sizes) // token_budget)))
+    while True:
+        parts = partition(sizes, count)
+        if count == len(sizes) or max(sum(sizes[i] for i in part) for part in parts) <= token_budget:
+            break
+        count += 1
     out = []
-    for rows in groups:
-        idx = torch.tensor(rows)
+    for part in parts:
+        idx = torch.tensor(part)
         lens = lengths[idx]
         width = int(lens.max())
-        packed = torch.cat([tokens[r, : int(lengths[r])] for r in rows]).unsqueeze(0)
-        out.append(MicroBatch(packed, {k: v[idx, : width - 1] for k, v in fields.items()}, lens))
+        packed = torch.cat([tokens[r, : sizes[r]] for r in part]).unsqueeze(0)
+        out.append(MicroBatch(packed, {k: v[idx, : width - 1] for k, v in fields.items()}, lens, idx))
     return out
 
 
@@ -95,8 +98,28 @@ def split_micro_batches(
     for start in range(0, tokens.shape[0], micro_batch_size):
         sl = slice(start, start + micro_batch_size)
         width = tokens.shape[1] if lengths is None else int(lengths[sl].max())
-        out.append(MicroBatch(tokens[sl, :width], {k: v[sl, : width - 1] for k, v in fields.items()}))
+        rows = torch.arange(tokens.shape[0])[sl]
+        out.append(MicroBatch(tokens[sl, :width], {k: v[sl, : width - 1] for k, v in fields.items()}, rows=rows))
     return out
+
+
+def micro_batches(
+    tokens: torch.Tensor, lengths: torch.Tensor, *, micro_batch_size: int, max_tokens: int,
+    fields: dict[str, torch.Tensor] | None = None,
+) -> list[MicroBatch]:
+    """The trainer's micro-batches: packed under `max_tokens` (`balanced_micro_batches`), or with
+    `max_tokens` 0 padded rows, `micro_batch_size` at a time."""
+    if max_tokens > 0:
+        return balanced_micro_batches(tokens, lengths, max_tokens, fields)
+    return split_micro_batches(tokens, micro_batch_size, fields, lengths)
+
+
+def scatter_rows(outputs: list[torch.Tensor], mbs: list[MicroBatch], shape) -> torch.Tensor:
+    """Per-micro-batch `[b, w]` outputs back into a `[B, W]` tensor in batch row order (zeros past each width)."""
+    full = torch.zeros(shape, dtype=torch.float32, device=outputs[0].device if outputs else None)
+    for out, mb in zip(outputs, mbs):
+        full[mb.rows.to(full.device), : out.shape[1]] = out.float()
+    return full
 
 
 def _logits_to_logprobs(logits, labels, tp_group, valid_vocab, temperature, want_entropy):

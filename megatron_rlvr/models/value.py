@@ -7,7 +7,7 @@ would have to divide both layer counts. Here the value model gets its own TP x P
 forward/backward schedule (`models.forward.forward_backward(..., pg=value_pg)`) are given.
 
 Its data-parallel ranks are not the policy's, so each value-DP rank takes its own share of the prompt groups
-(`prompt_share`), and `gather_rows` gives every training rank the rows the others computed (values to the
+(`prompt_share`, balanced by tokens), and `gather_rows` gives every training rank the rows the others computed (values to the
 policy ranks for the advantages; returns back to the value ranks for their update).
 """
 
@@ -70,10 +70,19 @@ def build_value_model(cfg: JobConfig, policy_pg: ProcessGroupCollection | None,
     return model, optimizer, pg
 
 
-def prompt_share(pg: ProcessGroupCollection, prompts_per_step: int) -> range:
-    """The prompt indices of a step that this rank's data-parallel replica (of `pg`'s grid) works on."""
-    per_rank = prompts_per_step // pg.dp.size()
-    return range(pg.dp.rank() * per_rank, (pg.dp.rank() + 1) * per_rank)
+def prompt_share(pg: ProcessGroupCollection, samples, prompts_per_step: int) -> list[int]:
+    """The prompt indices of a step that this rank's data-parallel replica (of `pg`'s grid) works on: whole
+    prompt groups, as many per replica, spread by the balanced partition of their tokens (prompt + responses;
+    `data.partition`, the compiled one where built) so the replicas get near-equal work. Every rank computes the
+    same partition from the same samples."""
+    from megatron_rlvr.data.partition import partition
+
+    tokens = [0] * prompts_per_step
+    for sample in samples:
+        if not 0 <= sample.prompt_index < prompts_per_step:
+            raise ValueError(f"sample of prompt {sample.prompt_index} outside the step's {prompts_per_step} prompts")
+        tokens[sample.prompt_index] += len(sample.prompt_ids) + len(sample.response_ids)
+    return partition(tokens, pg.dp.size(), equal_size=True)[pg.dp.rank()]
 
 
 def gather_rows(local: torch.Tensor, index: Sequence[int], total: int, group) -> torch.Tensor:
