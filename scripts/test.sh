@@ -7,7 +7,7 @@ source "$ROOT/scripts/env.sh"
 cd "$ROOT"
 export TRITON_INTERPRET=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 set +e
-python -m pytest tests -q -ra --timeout=900 "$@"
+python -m pytest tests -q -ra --timeout=900 --durations=40 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

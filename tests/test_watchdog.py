@@ -84,7 +84,7 @@ def test_bad_thresholds_are_refused():
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-TIMEOUT_S, WATCHDOG_S = 60, 8
+TIMEOUT_S, WATCHDOG_S = 40, 8
 
 
 def _launch(tmp_path, name, **extra):
