@@ -126,6 +126,9 @@ def dry_run_report(cfg, world_size: int | None = None) -> str:
             value_local = cfg.model.value_path and os.path.isfile(os.path.join(cfg.model.value_path, "config.json"))
             value = cfg.model.value_path if value_local else (cfg.model.value_shape or (
                 cfg.model.path if local else cfg.model.shape))
+        budget = cfg.train.max_tokens_per_micro_batch
+        if budget is None:  # trainer.token_budget's default
+            budget = cfg.train.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_tokens)
         layout = Layout(
             placement=par.layout, train_gpus=train_ranks, tp=par.tensor_parallel, pp=par.pipeline_parallel, dp=dp,
             pp_first_layers=par.pipeline_first_stage_layers, pp_last_layers=par.pipeline_last_stage_layers,
@@ -136,6 +139,7 @@ def dry_run_report(cfg, world_size: int | None = None) -> str:
             samples_per_prompt=cfg.rollout.n, prompt_len=max(cfg.data.max_prompt_length // 2, 1),
             max_prompt_len=cfg.data.max_prompt_length, response_len=cfg.rollout.max_tokens,
             ppo_epochs=cfg.algorithm.ppo_epochs, micro_batch_size=cfg.train.micro_batch_size,
+            packing=budget > 0, pack_tokens=budget or Layout.pack_tokens,
             recompute="full" if cfg.model.recompute else "none")
         plan = make_plan(spec, ClusterSpec(gpus=world, **CLUSTER_PRESETS["h100-80g"]), layout)
         out += ["", f"per-GPU memory estimate on H100 80 GB (megatron-rlvr plan; model {spec.name}, "

@@ -213,10 +213,11 @@ def test_ppo_job_trains_the_value_model(tmp_path):
         assert len(rank["calls"]) == steps * epochs, "one value update per PPO epoch and mini-batch"
     for step, record in enumerate(metrics):
         assert 0.0 <= record["critic/vf_clipfrac"] <= 1.0
-        # metrics.jsonl carries the update's own loss: the mean over ranks of the mean over this step's epochs
+        # metrics.jsonl carries the update's own loss: each rank's share of the global loss, added over the
+        # ranks, averaged over this step's epochs
         per_rank = [sum(c["stats"]["loss/value"] for c in r["calls"][step * epochs: (step + 1) * epochs]) / epochs
                     for r in ranks]
-        assert record["loss/value"] == pytest.approx(sum(per_rank) / len(per_rank), rel=1e-6)
+        assert record["loss/value"] == pytest.approx(sum(per_rank), rel=1e-6)
         assert record["loss/value"] > 0
 
     assert not ranks[0]["calls"][0]["head_before"].any(), "the value head starts at zero"
