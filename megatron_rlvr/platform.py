@@ -53,18 +53,20 @@ class Platform:
         """Causal attention within each of the sequences packed back to back: q `[T, H, d]`, k and v `[T, G, d]`
         (G divides H: grouped-query attention), `cu_seqlens` `[N + 1]` their starts and the total T -> `[T, H, d]`.
 
-        This exact path runs SDPA once per sequence, so no `[T, T]` mask is ever built; a device with a
+        This exact path gathers the sequences into a right-padded `[N, max_seqlen]` batch and runs SDPA once with a
+        causal mask: a query never sees the padding after its own sequence's end, so no mask beyond the causal one
+        is needed and no `[T, T]` mask is ever built; the padded positions' outputs are dropped. A device with a
         variable-length kernel overrides it."""
-        out = torch.empty_like(q)
-        bounds = cu_seqlens.tolist()
-        gqa = q.shape[1] != k.shape[1]
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            if end > start:
-                qs, ks, vs = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, n, d]
-                context = torch.nn.functional.scaled_dot_product_attention(
-                    qs, ks, vs, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
-                out[start:end] = context[0].transpose(0, 1)
-        return out
+        starts = cu_seqlens[:-1].to(torch.long)
+        lengths = cu_seqlens[1:].to(torch.long) - starts
+        positions = torch.arange(int(max_seqlen), device=q.device)
+        valid = positions.unsqueeze(0) < lengths.to(q.device).unsqueeze(1)  # [N, L]
+        index = torch.where(valid, starts.to(q.device).unsqueeze(1) + positions, 0)
+        qs, ks, vs = (x[index].permute(0, 2, 1, 3) for x in (q, k, v))  # [N, heads, L, d]
+        context = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        # sequence by sequence, position by position: the packed order
+        return context.permute(0, 2, 1, 3)[valid]
 
 
 class CudaPlatform(Platform):
