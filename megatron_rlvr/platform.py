@@ -96,7 +96,7 @@ class CudaPlatform(Platform):
 
     def varlen_attention(self, q, k, v, cu_seqlens, max_seqlen, *, scale, dropout_p=0.0):
         """flash-attn's varlen kernel where it is installed, else torch's own (`torch.nn.attention.varlen`, flash
-        attention in torch); both take fp16/bf16 only, so fp32 uses the exact per-sequence path."""
+        attention in torch); both take fp16/bf16 only, so fp32 uses the exact gathered-batch path."""
         kernel = _cuda_varlen_kernel()
         if kernel is None or q.dtype not in (torch.float16, torch.bfloat16):
             return super().varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=scale, dropout_p=dropout_p)
