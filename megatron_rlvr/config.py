@@ -571,6 +571,15 @@ def _check_model_dir(cfg, key: str, path: str, shape: str, check_paths: bool, un
                              last_stage_layers=last)
 
 
+def token_budget(cfg: JobConfig) -> int:
+    """Tokens per packed micro-batch of the trainer's passes (`train.max_tokens_per_micro_batch`; null:
+    micro_batch_size of the longest sequences the config allows, the padded layout's bound); 0: padded."""
+    budget = cfg.train.max_tokens_per_micro_batch
+    if budget is None:
+        return cfg.train.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_tokens)
+    return budget
+
+
 def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool = True) -> list[str]:
     """Check `cfg` (and that it fits `world_size` ranks) before anything is built; raise ConfigError on the
     first problem. Returns the paths that were not checked or not found when `check_paths` is False (the

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_rlvr.config import JobConfig, check_world, save_config, validate, value_parallel_sizes
+from megatron_rlvr.config import JobConfig, check_world, save_config, token_budget, validate, value_parallel_sizes
 from megatron_rlvr.platform import current_platform
 
 logger = logging.getLogger(__name__)
@@ -331,15 +331,6 @@ def per_token(model, batch: RolloutBatch, pg, cfg: JobConfig, vocab: int, *, val
     return broadcast_from_last_stage(full, shape, torch.float32, pg) * batch.mask
 
 
-def token_budget(cfg: JobConfig) -> int:
-    """Tokens per packed micro-batch (`train.max_tokens_per_micro_batch`; null: micro_batch_size of the longest
-    sequences the config allows, the padded layout's bound); 0: padded micro-batches."""
-    budget = cfg.train.max_tokens_per_micro_batch
-    if budget is None:
-        return cfg.train.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_tokens)
-    return budget
-
-
 def micro_batches_of(batch: RolloutBatch, cfg: JobConfig, fields: dict | None = None):
     """The micro-batches of every model pass over `batch` (old, reference, value, update): packed and balanced
     under `token_budget`, or padded."""
@@ -356,7 +347,8 @@ def _global_sum(value: torch.Tensor, group) -> torch.Tensor:
 
 
 def update_policy(models: Models, batch: RolloutBatch, pg, cfg: JobConfig, vocab: int, kl_coef: float) -> list[dict]:
-    """One optimizer step on `batch` (a mini-batch); returns the last stage's per-micro-batch stats."""
+    """One optimizer step on `batch` (a mini-batch); returns its stats (`combine_micro_batches`) on the last
+    pipeline stage, in a list of one, and an empty list elsewhere."""
     from megatron_rlvr.algorithms import aggregate_loss, get_policy_loss, kl_loss, loss_denominator, rollout_correction
     from megatron_rlvr.models.forward import forward_backward
 
@@ -656,7 +648,7 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
         local_stats = None
         if trains:
             local_stats = train_step(models, arch, pg, cfg, samples, rewards, kl_ctl.value, step, tokenizer,
-                                     dp_size, needs_old)
+                                     needs_old)
         platform.synchronize()
         train_s = time.perf_counter() - t
 
@@ -739,7 +731,7 @@ def train(cfg: JobConfig, *, rollout_factory: RolloutFactory | None = None) -> d
 
 
 def train_step(models: Models, arch, pg, cfg: JobConfig, samples, rewards: list[float], kl_coef: float, step: int,
-               tokenizer, dp_size: int, needs_old: bool) -> dict | None:
+               tokenizer, needs_old: bool) -> dict | None:
     """Log-probs, advantages and the mini-batch updates of one step on a trainer rank; returns the step's update
     stats on the ranks that report them (last pipeline stage, TP rank 0, of the policy's or the value model's
     grid), None elsewhere.

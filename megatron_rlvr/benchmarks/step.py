@@ -19,12 +19,11 @@ no-padding ideal, and `packed_vs_ideal` is the packed rate over it.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
-from megatron_rlvr.benchmarks.train import SIZES
+from megatron_rlvr.benchmarks.train import SIZES, bench_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,24 +53,10 @@ def synthetic_lengths(rows: int, prompt_len: int, max_response: int, seed: int) 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_rlvr.models.forward import balanced_micro_batches, forward_backward, split_micro_batches
-    from megatron_rlvr.models.llama import LlamaArch, build_llama, transformer_config
-    from megatron_rlvr.parallel.state import init_distributed, init_model_parallel
-    from megatron_rlvr.platform import current_platform
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29562")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    rank, _ = init_distributed()
-    platform = current_platform()
-    device = platform.device()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    hidden, layers, heads, kv, ffn, vocab = SIZES[args.size]
     longest = args.prompt_len + args.max_response
-    arch = LlamaArch(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
-                     ffn_hidden_size=ffn, head_dim=hidden // heads, max_position_embeddings=max(longest, 128))
-    pg = init_model_parallel(1, 1)
-    model = build_llama(arch, transformer_config(arch, tp=1, params_dtype=dtype), pg, pad_vocab_multiple=128)
+    rank, platform, dtype, arch, pg, model = bench_model(args.size, args.dtype, max_positions=longest, port="29562")
+    device, vocab = platform.device(), arch.vocab_size
 
     prompts, responses = synthetic_lengths(args.rows, args.prompt_len, args.max_response, args.seed)
     lengths = prompts + responses

@@ -63,26 +63,37 @@ def step_flops(arch, seq_len: int, tokens: int) -> float:
     return dense + attention
 
 
-def run(args: argparse.Namespace) -> int:
-    from megatron_rlvr.models.forward import forward_backward, split_micro_batches
+def bench_model(size: str, dtype_name: str | None, *, max_positions: int, port: str, tp: int = 1,
+                recompute: bool = False):
+    """A randomly initialised policy of shape `size` for the model benchmarks, in a world of its own unless
+    torchrun made one: (rank, platform, dtype, arch, pg, model). `dtype_name`: "bf16" | "fp32" | None (bf16 on a
+    GPU, fp32 on CPU)."""
     from megatron_rlvr.models.llama import LlamaArch, build_llama, transformer_config
     from megatron_rlvr.parallel.state import init_distributed, init_model_parallel
     from megatron_rlvr.platform import current_platform
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29561")
+    os.environ.setdefault("MASTER_PORT", port)
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     rank, _ = init_distributed()
     platform = current_platform()
-    device = platform.device()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    hidden, layers, heads, kv, ffn, vocab = SIZES[args.size]
+    on_gpu = platform.device().type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name or ("bf16" if on_gpu else "fp32")]
+    hidden, layers, heads, kv, ffn, vocab = SIZES[size]
     arch = LlamaArch(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
-                     ffn_hidden_size=ffn, head_dim=hidden // heads, max_position_embeddings=max(args.seq_len, 128))
-    pg = init_model_parallel(args.tp, 1)
-    config = transformer_config(arch, tp=args.tp, params_dtype=dtype, recompute=args.recompute)
-    model = build_llama(arch, config, pg, pad_vocab_multiple=128)
+                     ffn_hidden_size=ffn, head_dim=hidden // heads, max_position_embeddings=max(max_positions, 128))
+    pg = init_model_parallel(tp, 1)
+    config = transformer_config(arch, tp=tp, params_dtype=dtype, recompute=recompute)
+    return rank, platform, dtype, arch, pg, build_llama(arch, config, pg, pad_vocab_multiple=128)
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_rlvr.models.forward import forward_backward, split_micro_batches
+
+    rank, platform, dtype, arch, pg, model = bench_model(args.size, args.dtype, max_positions=args.seq_len,
+                                                         port="29561", tp=args.tp, recompute=args.recompute)
+    device, vocab = platform.device(), arch.vocab_size
     total = args.micro_batch * args.micro_batches
     tokens = torch.randint(0, vocab, (total, args.seq_len), device=device)
     mbs = split_micro_batches(tokens, args.micro_batch)

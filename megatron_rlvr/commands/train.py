@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from megatron_rlvr.config import ConfigError, describe, load_config, validate
+from megatron_rlvr.config import ConfigError, describe, load_config, token_budget, validate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,9 +126,7 @@ def dry_run_report(cfg, world_size: int | None = None) -> str:
             value_local = cfg.model.value_path and os.path.isfile(os.path.join(cfg.model.value_path, "config.json"))
             value = cfg.model.value_path if value_local else (cfg.model.value_shape or (
                 cfg.model.path if local else cfg.model.shape))
-        budget = cfg.train.max_tokens_per_micro_batch
-        if budget is None:  # trainer.token_budget's default
-            budget = cfg.train.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_tokens)
+        budget = token_budget(cfg)
         layout = Layout(
             placement=par.layout, train_gpus=train_ranks, tp=par.tensor_parallel, pp=par.pipeline_parallel, dp=dp,
             pp_first_layers=par.pipeline_first_stage_layers, pp_last_layers=par.pipeline_last_stage_layers,

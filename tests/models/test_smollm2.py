@@ -30,8 +30,8 @@ def _real_text(model_dir: str, rows: int = 4) -> tuple[torch.Tensor, torch.Tenso
     tok = AutoTokenizer.from_pretrained(model_dir)
     with open(HELDOUT) as f:
         records = [json.loads(line) for line in f][:: 95 // rows][:rows]
-    ids = [tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True) for r in records]
-    ids = [list(i["input_ids"]) if isinstance(i, dict) or hasattr(i, "keys") else list(i) for i in ids]
+    ids = [list(tok.apply_chat_template(r["messages"], add_generation_prompt=True, return_dict=True)["input_ids"])
+           for r in records]
     lengths = torch.tensor([len(i) for i in ids])
     assert len(set(lengths.tolist())) > 1, "the rows should differ in length"
     tokens = torch.zeros(rows, int(lengths.max()), dtype=torch.long)
