@@ -47,6 +47,12 @@ class Layout:
     trainer_ranks: range
     rollout_ranks: range
 
+    @property
+    def trainers_host_engines(self) -> bool:
+        """Every vLLM rank also trains (colocated): the training shards are already on the engines' ranks, and
+        vLLM shares those devices with training. False (split): weights cross the network to rollout-only ranks."""
+        return self.rollout_ranks == self.trainer_ranks
+
     def is_trainer(self, rank: int) -> bool:
         return rank in self.trainer_ranks
 
