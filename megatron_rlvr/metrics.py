@@ -75,6 +75,79 @@ class MetricsWriter:
             self._tb.close()
 
 
+
+# ------------------------------------------------------------------------------------------------ a step's record
+
+
+def step_record(step: int, rollouts, stats: dict, timing: dict[str, float], *, kl_coef: float,
+                peak_memory_gib: float) -> dict:
+    """The metrics.jsonl record of one RLVR step: reward, score and length statistics of its rollouts
+    (`rollout.producer.ScoredRollouts`), the update's `stats` (`gather_mean`; `kl`, `lr` and
+    `timing/logprob_s` are taken out of it), the phase times (`timing`: train_s, rollout_wait_s, sync_s,
+    sync_check_s, step_s) and tokens/s over the whole step (prompt + response tokens)."""
+    samples, rewards, scores = rollouts.samples, rollouts.rewards, rollouts.scores
+    stats = dict(stats)
+    lengths = [len(s.response_ids) for s in samples]
+    tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    return {
+        "step": step,
+        "reward_mean": sum(rewards) / len(rewards),
+        "score_mean": sum(scores) / len(scores),
+        "kl": stats.pop("kl", 0.0),
+        "kl_coef": kl_coef,
+        "lr": stats.pop("lr", 0.0),
+        "response_length/mean": sum(lengths) / len(lengths),
+        "response_length/max": max(lengths),
+        "response_length/clip_ratio": sum(not s.finished for s in samples) / len(samples),
+        "rollout/weights_step": rollouts.weights_step,
+        "rollout/generation_rounds": rollouts.rounds,
+        "rollout/dynamic_sampling_filled": rollouts.filled_groups,
+        "timing/generate_s": rollouts.generate_s,
+        "timing/verify_s": rollouts.verify_s,
+        "timing/logprob_s": stats.pop("timing/logprob_s", 0.0),
+        **{f"timing/{k}": v for k, v in timing.items()},
+        "tokens_per_s": tokens / timing["step_s"],
+        "memory/peak_gib": peak_memory_gib,
+        **stats,
+    }
+
+
+def combine_micro_batches(stats: list[dict], tokens: list) -> dict[str, float]:
+    """One update's stats from its micro-batches': the `loss/*` terms are each micro-batch's share of the global
+    loss and add up; the rest are means over a micro-batch's response tokens, weighted by them."""
+    total = float(sum(float(t) for t in tokens)) or 1.0
+    out = {}
+    for key in {k for s in stats for k in s}:
+        if key.startswith("loss/"):
+            out[key] = float(sum(float(s[key]) for s in stats if key in s))
+        else:
+            out[key] = float(sum(float(s[key]) * float(t) for s, t in zip(stats, tokens) if key in s)) / total
+    return out
+
+
+def mean_stats(per_update: list[dict]) -> dict[str, float]:
+    """The mean of each key over the dicts that have it."""
+    keys = {k for s in per_update for k in s}
+    return {k: float(sum(float(s[k]) for s in per_update if k in s) / sum(k in s for s in per_update))
+            for k in sorted(keys)}
+
+
+def gather_mean(stats: dict[str, float] | None) -> dict[str, float]:
+    """Average `stats` over the ranks that pass one (last PP stage, TP rank 0: one per data-parallel replica);
+    the `loss/*` terms, each replica's share of the global loss, are added up. Every rank gets the result
+    (collective over the world)."""
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, stats)
+    passed = [s for s in gathered if s]
+    out = mean_stats(passed)
+    for key in out:
+        if key.startswith("loss/"):
+            out[key] = float(sum(s[key] for s in passed if key in s))
+    return out
+
+
 PLOTS = (
     ("reward", ("reward_mean", "score_mean", "eval/accuracy")),
     ("kl", ("kl",)),

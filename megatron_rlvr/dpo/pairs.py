@@ -57,15 +57,17 @@ def make_pairs(cfg: DPOConfig) -> dict:
     from megatron_rlvr.models.llama import LlamaArch
     from megatron_rlvr.parallel.state import init_distributed, seed_everything
     from megatron_rlvr.rewards import RewardPool
-    from megatron_rlvr.trainer import Models, build_model, build_rollout, init_groups, sampling_config
+    from megatron_rlvr.models.build import Models, build_model
+    from megatron_rlvr.parallel.groups import init_groups
+    from megatron_rlvr.rollout.producer import build_engine, sampling_config
 
     job = _sampling_job(cfg)
     rank, world = init_distributed()
     seed_everything(cfg.train.seed)
-    groups, pg = init_groups(job, world, vllm=job.rollout.backend == "vllm")
+    groups = init_groups(job, world, vllm=job.rollout.backend == "vllm")
     models = None
     if job.rollout.backend == "megatron":
-        policy, arch = build_model(job, cfg.model.path, pg, frozen=True)
+        policy, arch = build_model(job, cfg.model.path, groups.policy, frozen=True)
         models = Models(policy, None)
     else:
         arch = LlamaArch.from_pretrained(cfg.model.path)
@@ -73,7 +75,7 @@ def make_pairs(cfg: DPOConfig) -> dict:
     template = None if cfg.data.chat_template == "tokenizer" else cfg.data.chat_template
     prompts = RLVRPromptDataset.from_files(cfg.pairs.prompt_files, tokenizer,
                                            max_prompt_length=cfg.pairs.max_prompt_length, chat_template=template)
-    engine = build_rollout(job, models, arch, pg, tokenizer, groups)
+    engine = build_engine(job, groups, models, arch, tokenizer)
     pool = RewardPool(cfg.pairs.reward_workers, cfg.pairs.reward_timeout_s) if rank == 0 else None
     path = cfg.pairs.output_file or os.path.join(cfg.output_dir, "pairs.jsonl")
     counts = {"prompts": len(prompts), "samples": 0, "verified": 0, "prompts_with_pairs": 0, "pairs": 0, "path": path}

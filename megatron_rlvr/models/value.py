@@ -3,7 +3,7 @@
 Tülu 3's 405B run trains a 126-layer policy beside an 8B (32-layer) value model; on the policy's groups one PP
 would have to divide both layer counts. Here the value model gets its own TP x PP x DP grid
 (`parallel.value_tensor_parallel`, `parallel.value_pipeline_parallel`) over the same ranks: a second
-`ProcessGroupCollection` (`parallel.state.init_value_parallel`) that its model, DDP, optimizer and
+`ProcessGroupCollection` (`parallel.groups.value_groups`) that its model, DDP, optimizer and
 forward/backward schedule (`models.forward.forward_backward(..., pg=value_pg)`) are given.
 
 Its data-parallel ranks are not the policy's, so each value-DP rank takes its own share of the prompt groups
@@ -19,55 +19,32 @@ import torch
 import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_rlvr.config import JobConfig, training_world, value_parallel_sizes
+from megatron_rlvr.config import JobConfig
 
 
 def value_model_path(cfg: JobConfig) -> str:
     return cfg.model.value_path or cfg.model.path
 
 
-def value_groups(cfg: JobConfig, policy_pg: ProcessGroupCollection | None) -> ProcessGroupCollection | None:
-    """The value model's groups: the policy's when the sizes match, else a new grid over the training ranks.
-
-    Collective over the world when new groups are made: call on every rank (None on rollout ranks), after the
-    policy's groups and before vLLM engines are built."""
-    from megatron_rlvr.parallel.state import init_value_parallel
-
-    par = cfg.parallel
-    tp, pp = value_parallel_sizes(par)
-    if (tp, pp) == (par.tensor_parallel, par.pipeline_parallel):
-        return policy_pg
-    world = dist.get_world_size()
-    trainers = training_world(cfg, world)
-    return init_value_parallel(tp, pp, rank_offset=world - trainers, num_ranks=trainers)
-
-
-def build_value_model(cfg: JobConfig, policy_pg: ProcessGroupCollection | None,
-                      value_pg: ProcessGroupCollection | None = None):
-    """(value model (DDP-wrapped stage), its optimizer, its ProcessGroupCollection); (None, None, None) on ranks
-    that do not train. Without `value_pg` its groups are made here (`value_groups`, collective over the world:
-    call on every rank); where only trainer ranks build models (split layout), make them with `value_groups` on
-    every rank first and pass them in.
+def build_value_model(cfg: JobConfig, pg: ProcessGroupCollection):
+    """(value model (DDP-wrapped stage), its optimizer) on the value model's grid `pg` (`parallel.Groups.value`).
 
     The trunk is the HF Llama at `model.value_path` (the policy's weights when empty); the scalar head starts at
     zero. The value model uses an even pipeline split of its own layers."""
+    from megatron_rlvr.models.build import DTYPES
     from megatron_rlvr.models.llama import LlamaArch, build_llama, transformer_config
     from megatron_rlvr.models.weights import load_hf_into_model, read_hf_state
     from megatron_rlvr.parallel.model import make_trainable
 
-    pg = value_pg or value_groups(cfg, policy_pg)
-    if pg is None:
-        return None, None, None
     path = value_model_path(cfg)
     arch = LlamaArch.from_pretrained(path)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
     config = transformer_config(arch, tp=pg.tp.size(), pp=pg.pp.size(), sequence_parallel=cfg.parallel.sequence_parallel,
-                                params_dtype=dtype, recompute=cfg.model.recompute)
+                                params_dtype=DTYPES[cfg.model.dtype], recompute=cfg.model.recompute)
     model = build_llama(arch, config, pg, pad_vocab_multiple=cfg.model.pad_vocab_multiple, value_head=True)
     load_hf_into_model(model, read_hf_state(path), arch, pg)
     model, optimizer = make_trainable(model, pg, cfg.train.value_optimizer,
                                       use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
-    return model, optimizer, pg
+    return model, optimizer
 
 
 def prompt_share(pg: ProcessGroupCollection, samples, prompts_per_step: int) -> list[int]:

@@ -9,6 +9,7 @@ read back at another TP/PP equal the writer's. (3) `gather_rows` reassembles row
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from megatron_rlvr.config import config_from_dict
 from megatron_rlvr.testing.distributed import run_workers
@@ -36,10 +37,11 @@ def _build(cfg):
     """Policy on megatron's global groups (as the colocated trainer), value model on its own."""
     from megatron_rlvr.models.value import build_value_model
     from megatron_rlvr.models.weights import unwrap
-    from megatron_rlvr.parallel.state import init_model_parallel
+    from megatron_rlvr.parallel.groups import init_groups
 
-    policy_pg = init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
-    value, optimizer, pg = build_value_model(cfg, policy_pg)
+    groups = init_groups(cfg, dist.get_world_size(), vllm=False)
+    policy_pg, pg = groups.policy, groups.value
+    value, optimizer = build_value_model(cfg, pg)
     head = unwrap(value).output_layer if unwrap(value).post_process else None
     if head is not None:
         with torch.no_grad():
@@ -191,8 +193,6 @@ def test_value_checkpoint_round_trip_with_own_tp(tmp_path):
 
 
 def _gather_worker(rank, world, rows, width, total):
-    import torch.distributed as dist
-
     from megatron_rlvr.models.value import gather_rows
 
     index = list(range(rank, total, world))  # rank r holds rows r, r + world, ...

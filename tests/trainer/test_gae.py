@@ -65,6 +65,7 @@ def _record_training(rank, world, args):
     its mini-batch, the value model's plain predictions before and after it, its stats and lr."""
     from megatron_rlvr import trainer
     from megatron_rlvr.checkpoint import _optimizers
+    from megatron_rlvr.metrics import mean_stats
     from megatron_rlvr.config import config_from_dict
     from megatron_rlvr.models.weights import unwrap
     from tests.trainer.sampling import loop_sampler
@@ -81,7 +82,7 @@ def _record_training(rank, world, args):
                  "value_lr": _optimizers(models.value_optimizer)[0].param_groups[0]["lr"],
                  "policy_lr": _optimizers(models.optimizer)[0].param_groups[0]["lr"]}
         stats = update_value(models, batch, pg, cfg)
-        entry.update(stats=trainer.mean_stats(stats) if stats else None,
+        entry.update(stats=mean_stats(stats) if stats else None,
                      after=plain_values(models.value, batch.tokens, batch.lengths),
                      head_after=unwrap(models.value).output_layer.weight.detach().clone(),
                      trunk_after=_trunk_weight(models.value))
@@ -336,22 +337,24 @@ def test_value_optimizer_warms_up_like_the_policy(tmp_path):
 def _values_with_and_without_sequence_parallel(rank, world, args):
     from megatron_rlvr import trainer
     from megatron_rlvr.config import config_from_dict
+    from megatron_rlvr.data.rollout_batch import RolloutBatch
     from megatron_rlvr.models.value import build_value_model
     from megatron_rlvr.models.weights import unwrap
+    from megatron_rlvr.parallel.groups import init_groups
     from megatron_rlvr.parallel.state import init_distributed
 
     cfg = config_from_dict({}, args)
     init_distributed()
-    _, pg = trainer.init_groups(cfg, world, vllm=False)
+    pg = init_groups(cfg, world, vllm=False).policy
     tokens = torch.randint(10, 60, (3, 13), generator=torch.Generator().manual_seed(0))
     lengths = torch.tensor([13, 10, 7])
     mask = (torch.arange(12) < (lengths - 1).unsqueeze(1)).float()
-    batch = trainer.RolloutBatch(tokens, lengths, mask, torch.zeros(3), [0, 1, 2])
+    batch = RolloutBatch(tokens, lengths, mask, torch.zeros(3), [0, 1, 2])
     head = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
     out = {}
     for sequence_parallel in (False, True):
         par = dataclasses.replace(cfg.parallel, sequence_parallel=sequence_parallel)
-        model, _, _ = build_value_model(dataclasses.replace(cfg, parallel=par), pg, pg)
+        model, _ = build_value_model(dataclasses.replace(cfg, parallel=par), pg)
         unwrap(model).output_layer.weight.data.copy_(head)
         out[sequence_parallel] = trainer.per_token(model, batch, pg, cfg, 1, value_model=True)
     return out
@@ -367,15 +370,17 @@ def test_values_do_not_depend_on_sequence_parallelism(tmp_path):
 def _values_from_reward_model(rank, world, args, tokens):
     from megatron_rlvr import trainer
     from megatron_rlvr.config import config_from_dict
+    from megatron_rlvr.data.rollout_batch import RolloutBatch
     from megatron_rlvr.models.value import build_value_model
+    from megatron_rlvr.parallel.groups import init_groups
     from megatron_rlvr.parallel.state import init_distributed
 
     cfg = config_from_dict({}, args)
     init_distributed()
-    _, pg = trainer.init_groups(cfg, world, vllm=False)
-    model, _, _ = build_value_model(cfg, pg, pg)
+    pg = init_groups(cfg, world, vllm=False).policy
+    model, _ = build_value_model(cfg, pg)
     length = tokens.shape[1]
-    batch = trainer.RolloutBatch(tokens, torch.tensor([length]), torch.ones(1, length - 1), torch.zeros(1), [0])
+    batch = RolloutBatch(tokens, torch.tensor([length]), torch.ones(1, length - 1), torch.zeros(1), [0])
     return trainer.per_token(model, batch, pg, cfg, 1, value_model=True)
 
 
