@@ -174,13 +174,13 @@ class RolloutProducer:
         return ScoredRollouts(samples, scores, rewards, generate_s, verify_s, rollouts.weights_step,
                               rollouts.loader_state, rounds=rounds, filled_groups=buffer.filled)
 
-    def step_rollouts(self, loader, step: int, ahead: tuple | None) -> ScoredRollouts:
-        """This step's rollouts: begun during the previous step (`ahead`, one step off-policy), drawn until the
-        groups are informative (dynamic sampling), or one batch of prompts."""
+    def step_rollouts(self, loader, step: int, ahead: ScoredRollouts | None = None) -> ScoredRollouts:
+        """This step's rollouts: those begun during the previous step (`ahead`, one step off-policy), or drawn
+        until the groups are informative (dynamic sampling), or one batch of prompts."""
+        if ahead is not None:
+            return ahead
         if self.cfg.algorithm.dynamic_sampling:
             return self.produce_informative(loader, step)
-        if ahead is not None:
-            return ahead[1]
         return self.produce(next(loader), step, loader.state_dict())
 
     def evaluate(self, prompts, seed: int) -> float:
