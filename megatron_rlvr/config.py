@@ -1,21 +1,26 @@
-"""The job configuration: typed dataclasses with a docstring per field, loaded from YAML, overridden from the
-command line with dotted `key=value` pairs, and validated before any process group is built.
+"""The job configuration as plain typed data: dataclasses with a docstring per field, loaded from YAML, overridden
+from the command line with dotted `key=value` pairs.
 
     cfg = load_config("examples/configs/tiny-cpu.yaml", ["train.steps=20", "rollout.n=8"])
-    validate(cfg, world_size=2)    # raises ConfigError naming the key and the fix
 
-An unknown key, a tensor-parallel size that does not divide the attention heads, a world size that does not fit
-the layout and a missing data file all raise `ConfigError` here, so a mistake costs seconds, not a cluster
-allocation. Values in overrides are parsed as YAML scalars (`train.steps=20` is an int, `data.train_files=[a,b]`
-a list).
+An unknown key, a value of the wrong type and a value outside its choices or range raise `ConfigError` here.
+Everything else is checked by the subsystem that owns it (the algorithm registry, the model's shape against
+TP / PP, the world size against the layout, the data files); `megatron_rlvr.preflight.validate(cfg, world_size)`
+runs every check before any process group is built, so a mistake costs seconds, not a cluster allocation. This
+module imports nothing else of the package (and not torch): a config is read and listed (`--list-keys`) without
+loading a model library. Values in overrides are parsed as YAML scalars (`train.steps=20` is an int,
+`data.train_files=[a,b]` a list).
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import difflib
+import inspect
 import os
+import textwrap
 import typing
 from typing import Any
 
@@ -240,17 +245,23 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class RewardSettings:
+class RewardConfig:
+    """How verifier scores in [0, 1] become training rewards (`megatron_rlvr.rewards.shape_rewards`), and the
+    verifier pool that computes them."""
+
     verified_reward: float = 1.0
-    """Reward for a response the verifier accepts (Tülu 3: 10)."""
+    """Reward for a response the verifier accepts: a score s in [0, 1] earns s * verified_reward (Tülu 3: 10)."""
     truncation_penalty: float | None = None
-    """Reward of a response cut at rollout.max_tokens without EOS (Tülu 3: -10); None: scored like the rest."""
+    """Reward of a response cut at rollout.max_tokens without EOS, replacing all other terms (Tülu 3: -10); null:
+    scored like the rest."""
     format_pattern: str | None = None
-    """Regular expression a response must match to earn format_reward."""
+    """Regular expression (`re.search`, `.` matching newlines) a response must match to earn format_reward, e.g.
+    megatron_rlvr.rewards.shaping.THINK_ANSWER_FORMAT; null: no format term."""
     format_reward: float = 0.0
+    """Reward added when the response matches format_pattern."""
     overlong_buffer: int = 0
     """DAPO soft overlong punishment: a finished response within this many tokens of rollout.max_tokens loses up
-    to overlong_penalty, linearly (0: off)."""
+    to overlong_penalty, linearly (`algorithms.overlong_reward_penalty`; 0: off)."""
     overlong_penalty: float = 1.0
     """The overlong punishment at rollout.max_tokens."""
     workers: int = 2
@@ -288,7 +299,7 @@ class JobConfig:
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    reward: RewardSettings = dataclasses.field(default_factory=RewardSettings)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
@@ -445,7 +456,18 @@ def save_config(cfg: JobConfig, path: str) -> None:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
 
-# --------------------------------------------------------------------------------------------- validation
+def token_budget(cfg: JobConfig) -> int:
+    """Tokens per packed micro-batch of the trainer's passes (`train.max_tokens_per_micro_batch`; null:
+    micro_batch_size of the longest sequences the config allows, the padded layout's bound); 0: padded."""
+    budget = cfg.train.max_tokens_per_micro_batch
+    if budget is None:
+        return cfg.train.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_tokens)
+    return budget
+
+
+# --------------------------------------------------------------------------------------------- value checks
+# One key at a time: a value in its choices or its range. A check that relates keys across sections, or needs a
+# registry, a model or the world size, belongs to the subsystem that knows why (see `preflight.validate`).
 
 _CHOICES = {
     "parallel.layout": ("colocated", "split"),
@@ -460,6 +482,14 @@ _CHOICES = {
     "train.value_optimizer.name": ("adam", "sgd"),
 }
 
+# 0 means "the default" for these (see --list-keys)
+_AT_LEAST_ZERO = ("parallel.pipeline_first_stage_layers", "parallel.pipeline_last_stage_layers",
+                  "parallel.value_tensor_parallel", "parallel.value_pipeline_parallel")
+
+_AT_LEAST_ONE = ("train.steps", "train.prompts_per_step", "train.micro_batch_size", "rollout.n", "rollout.max_tokens",
+                 "parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.rollout_tensor_parallel",
+                 "algorithm.ppo_epochs", "algorithm.mini_batches", "data.max_prompt_length", "reward.workers")
+
 
 def _get(cfg: JobConfig, dotted: str) -> Any:
     node: Any = cfg
@@ -468,291 +498,42 @@ def _get(cfg: JobConfig, dotted: str) -> Any:
     return node
 
 
-def model_arch(path: str, shape: str, key: str):
-    """The architecture of `path` (a HF dir) or, when it is not on this machine, of the named `shape`.
-
-    Returns (LlamaArch or planner ModelSpec, source) or raises ConfigError naming `key`.
-    """
-    from megatron_rlvr.models.llama import LlamaArch
-
-    if path and os.path.isfile(os.path.join(path, "config.json")):
-        try:
-            return LlamaArch.from_pretrained(path), path
-        except ValueError as err:
-            raise ConfigError(f"{key}: {err}") from None
-    if shape:
-        from megatron_rlvr.planner import load_model
-
-        try:
-            return load_model(shape), f"shape {shape}"
-        except (KeyError, ValueError, FileNotFoundError) as err:
-            raise ConfigError(f"{key.rsplit('.', 1)[0]}.shape={shape!r}: {err}") from None
-    return None, None
-
-
-def _heads_layers(arch) -> tuple[int, int, int]:
-    """(attention heads, KV heads, layers) of a LlamaArch or a planner ModelSpec."""
-    if hasattr(arch, "num_kv_heads"):
-        return arch.num_heads, arch.num_kv_heads, arch.num_layers
-    return arch.heads, arch.kv_heads, arch.layers
-
-
-def check_model_parallel(arch, source: str, tp: int, pp: int, key_prefix: str = "parallel",
-                         first_stage_layers: int | None = None, last_stage_layers: int | None = None,
-                         keys: tuple[str, str] = ("tensor_parallel", "pipeline_parallel"),
-                         notes: tuple[str, str] = ("", "")) -> None:
-    """`arch` (a LlamaArch or planner ModelSpec read from `source`) sharded `tp` ways and split over `pp` stages
-    (`first_stage_layers` / `last_stage_layers`: an uneven split); the error names `key_prefix`.`keys` (with
-    `notes` after their values) and the values that fit."""
-    from megatron_rlvr.models.stages import PipelineSplit
-
-    heads, kv_heads, layers = _heads_layers(arch)
-    tp_key, pp_key = (f"{key_prefix}.{k}" for k in keys)
-    for name, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
-        if value % tp:
-            fits = [d for d in range(1, value + 1) if value % d == 0]
-            raise ConfigError(f"{tp_key}={tp}{notes[0]} does not divide {name}={value} of {source}; set {tp_key} "
-                              f"to one of {fits}")
-    try:
-        PipelineSplit(layers, pp, first_stage_layers, last_stage_layers)
-    except ValueError as err:
-        if first_stage_layers is None and last_stage_layers is None and layers % pp:
-            fits = [d for d in range(1, layers + 1) if layers % d == 0]
-            raise ConfigError(f"{pp_key}={pp}{notes[1]} does not divide num_hidden_layers={layers} of {source}; set {pp_key} "
-                              f"to one of {fits}" + ("" if keys[1] != "pipeline_parallel" else
-                                                     f", or split unevenly with {key_prefix}.pipeline_first_stage_"
-                                                     f"layers / {key_prefix}.pipeline_last_stage_layers")) from None
-        raise ConfigError(f"{pp_key}={pp} with {key_prefix}.pipeline_first_stage_layers={first_stage_layers or 0}, "
-                          f"{key_prefix}.pipeline_last_stage_layers={last_stage_layers or 0} ({source}): {err}") from None
-
-
-def value_parallel_sizes(par: ParallelConfig) -> tuple[int, int]:
-    """(TP, PP) of the PPO value model: its own keys, else the policy's."""
-    return par.value_tensor_parallel or par.tensor_parallel, par.value_pipeline_parallel or par.pipeline_parallel
-
-
-def policy_stage_layers(par: ParallelConfig) -> tuple[int | None, int | None]:
-    """(layers on the first, on the last pipeline stage) of the policy; None: the even share."""
-    return par.pipeline_first_stage_layers or None, par.pipeline_last_stage_layers or None
-
-
-def training_world(cfg: JobConfig, world_size: int) -> int:
-    """Ranks that train: all of them (colocated) or those past the rollout block (split)."""
-    return world_size - cfg.parallel.rollout_ranks if cfg.parallel.layout == "split" else world_size
-
-
-def _check_model_dir(cfg, key: str, path: str, shape: str, check_paths: bool, unchecked: list, fix: str,
-                     value_model: bool = False) -> None:
-    """The model at `path` (or the named `shape`) against the configured TP / PP (the value model's own sizes
-    when `value_model`); a path that cannot be read now is an error when `check_paths`, else listed in
-    `unchecked`."""
-    arch, source = model_arch(path, shape, key)
-    if arch is None:
-        if check_paths:
-            raise ConfigError(f"{key}={path!r} has no config.json: {fix}")
-        unchecked.append(path)
-        return
-    if source != path:
-        unchecked.append(path)
-    par = cfg.parallel
-    if value_model:
-        tp, pp = value_parallel_sizes(par)
-        notes = tuple("" if own else f" (unset: the policy's parallel.{key})" for own, key in (
-            (par.value_tensor_parallel, "tensor_parallel"), (par.value_pipeline_parallel, "pipeline_parallel")))
-        check_model_parallel(arch, f"the value model {source}", tp, pp,
-                             keys=("value_tensor_parallel", "value_pipeline_parallel"), notes=notes)
-    else:
-        if getattr(arch, "score_head", False):
-            raise ConfigError(f"{key}={path!r} is a reward model (LlamaForSequenceClassification, no LM head): it can "
-                              "start the value model (model.value_path), not the policy; point model.path at a "
-                              "LlamaForCausalLM")
-        first, last = policy_stage_layers(par)
-        check_model_parallel(arch, source, par.tensor_parallel, par.pipeline_parallel, first_stage_layers=first,
-                             last_stage_layers=last)
-
-
-def token_budget(cfg: JobConfig) -> int:
-    """Tokens per packed micro-batch of the trainer's passes (`train.max_tokens_per_micro_batch`; null:
-    micro_batch_size of the longest sequences the config allows, the padded layout's bound); 0: padded."""
-    budget = cfg.train.max_tokens_per_micro_batch
-    if budget is None:
-        return cfg.train.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_tokens)
-    return budget
-
-
-def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool = True) -> list[str]:
-    """Check `cfg` (and that it fits `world_size` ranks) before anything is built; raise ConfigError on the
-    first problem. Returns the paths that were not checked or not found when `check_paths` is False (the
-    dry run plans a cluster job on a machine that does not hold its files)."""
-    unchecked: list[str] = []
+def check_values(cfg: JobConfig) -> None:
+    """ConfigError naming the key when a value is not one of its choices or is out of its range."""
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
-    from megatron_rlvr.algorithms import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
-
-    algo = cfg.algorithm
-    for key, value, known in (
-        ("algorithm.advantage_estimator", algo.advantage_estimator, list(ADVANTAGE_ESTIMATORS.names())),
-        ("algorithm.policy_loss", algo.policy_loss, list(POLICY_LOSSES.names())),
-        ("algorithm.loss_agg_mode", algo.loss_agg_mode, list(LOSS_AGG_MODES)),
-    ):
-        if value not in known:
-            raise ConfigError(f"{key}={value!r} is not registered; known: {', '.join(known)}")
-    for key in ("parallel.pipeline_first_stage_layers", "parallel.pipeline_last_stage_layers",
-                "parallel.value_tensor_parallel", "parallel.value_pipeline_parallel"):
+    for key in _AT_LEAST_ZERO:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0 (0: the default, see --list-keys)")
-    positive = ("train.steps", "train.prompts_per_step", "train.micro_batch_size", "rollout.n", "rollout.max_tokens",
-                "parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.rollout_tensor_parallel",
-                "algorithm.ppo_epochs", "algorithm.mini_batches", "data.max_prompt_length", "reward.workers")
-    for key in positive:
+    for key in _AT_LEAST_ONE:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
     budget = cfg.train.max_tokens_per_micro_batch
     if budget is not None and budget < 0:
         raise ConfigError(f"train.max_tokens_per_micro_batch={budget} must be >= 0 (0: padded micro-batches; null: "
                           "micro_batch_size x the longest sequence)")
-    from megatron_rlvr.schedule import check_optimizer
-
-    check_optimizer(cfg.train.optimizer, "train.optimizer")
-    check_optimizer(cfg.train.value_optimizer, "train.value_optimizer")
-    check_timeouts(cfg.parallel)
     if cfg.rollout.kv_cache_gib < 1:
         raise ConfigError(f"rollout.kv_cache_gib={cfg.rollout.kv_cache_gib} must be a whole number of GiB >= 1")
     if cfg.rollout.temperature <= 0:
         raise ConfigError(f"rollout.temperature={cfg.rollout.temperature} must be > 0 (log-probs divide by it)")
-    if algo.advantage_estimator not in ("reinforce_plus_plus", "gae") and cfg.rollout.n < 2:
-        raise ConfigError(f"algorithm.advantage_estimator={algo.advantage_estimator!r} compares samples of the "
-                          f"same prompt: set rollout.n >= 2 (got {cfg.rollout.n})")
-    if algo.clip_ratio_c is not None and algo.clip_ratio_c <= 1:
-        raise ConfigError(f"algorithm.clip_ratio_c={algo.clip_ratio_c} must be > 1 (typically 3), or null for no "
-                          "dual clip")
-    if algo.rollout_correction != "none" and algo.rollout_is_cap <= 1:
-        raise ConfigError(f"algorithm.rollout_is_cap={algo.rollout_is_cap} must be > 1: the importance ratio is "
-                          "kept inside [1/C, C] (typical: 2)")
-    if cfg.reward.overlong_buffer > cfg.rollout.max_tokens:
-        raise ConfigError(f"reward.overlong_buffer={cfg.reward.overlong_buffer} must be at most rollout.max_tokens="
-                          f"{cfg.rollout.max_tokens} (the punishment ramps up over the last overlong_buffer tokens)")
-    if algo.dynamic_sampling:
-        if algo.dynamic_sampling_max_rounds < 1:
-            raise ConfigError(f"algorithm.dynamic_sampling_max_rounds={algo.dynamic_sampling_max_rounds} must be >= 1")
-        if cfg.rollout.one_step_off_policy:
-            raise ConfigError("algorithm.dynamic_sampling=true cannot be combined with rollout.one_step_off_policy="
-                              "true (the next step's prompts are drawn before this step's rewards are known); turn "
-                              "one of them off")
-    if cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel == 1:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1; set it to false")
-    try:
-        from megatron_rlvr.rewards import RewardConfig
-
-        RewardConfig.from_settings(cfg.reward)
-    except ValueError as err:
-        raise ConfigError(f"reward: {err}") from None
-
-    # model architecture against TP / PP
-    if not cfg.model.path:
-        raise ConfigError("model.path is empty: set it to a HuggingFace Llama directory (model.path=/path/to/model)")
-    _check_model_dir(cfg, "model.path", cfg.model.path, cfg.model.shape, check_paths, unchecked,
-                     "point it at a HuggingFace Llama directory (download it first), or set model.shape for a "
-                     "--dry-run")
-    if algo.advantage_estimator == "gae":
-        if cfg.model.value_path:
-            _check_model_dir(cfg, "model.value_path", cfg.model.value_path, cfg.model.value_shape, check_paths,
-                             unchecked, "point it at a HuggingFace Llama directory, or leave it empty to start from "
-                             "the policy", value_model=True)
-        else:  # the value model starts from the policy's weights: same shape, its own TP / PP
-            _check_model_dir(cfg, "model.path", cfg.model.path, cfg.model.shape, False, [], "", value_model=True)
-
-    # data files
-    if not cfg.data.train_files:
-        raise ConfigError("data.train_files is empty: list at least one JSONL/Parquet file of RLVR records")
-    for key, files in (("data.train_files", cfg.data.train_files), ("data.eval_files", cfg.data.eval_files)):
-        for path in files:
-            if not os.path.isfile(path):
-                if check_paths:
-                    raise ConfigError(f"{key}: file {path!r} does not exist (paths in a config file are relative "
-                                      "to the working directory unless they start with ./ or ../)")
-                unchecked.append(path)
-
-    # world size against the layout
-    if world_size is not None:
-        check_world(cfg, world_size)
-    return unchecked
 
 
-def check_timeouts(par: ParallelConfig) -> None:
-    """parallel.timeout_s and parallel.watchdog_s: positive, the watchdog reporting before the timeout."""
-    if not par.timeout_s > 0:
-        raise ConfigError(f"parallel.timeout_s={par.timeout_s} must be > 0 seconds")
-    if not 0 < par.watchdog_s < par.timeout_s:
-        raise ConfigError(f"parallel.watchdog_s={par.watchdog_s} must be > 0 and below parallel.timeout_s="
-                          f"{par.timeout_s}, so a stuck phase is reported before the job times out")
-
-
-def check_world(cfg: JobConfig, world_size: int) -> int:
-    """Raise ConfigError unless `world_size` ranks fit the layout; returns the data-parallel size."""
-    par = cfg.parallel
-    model_parallel = par.tensor_parallel * par.pipeline_parallel
-    if par.world_size and par.world_size != world_size:
-        raise ConfigError(f"the job runs on {world_size} ranks but parallel.world_size={par.world_size}: launch "
-                          f"{par.world_size} ranks, or set parallel.world_size={world_size} (0 accepts any)")
-    if par.layout == "split":
-        if par.rollout_ranks < 1:
-            raise ConfigError("parallel.layout=split needs parallel.rollout_ranks >= 1 (ranks that only generate)")
-        if par.rollout_ranks % par.rollout_tensor_parallel:
-            raise ConfigError(f"parallel.rollout_ranks={par.rollout_ranks} is not a multiple of "
-                              f"parallel.rollout_tensor_parallel={par.rollout_tensor_parallel}")
-        if cfg.rollout.backend != "vllm":
-            raise ConfigError("parallel.layout=split generates on ranks without the trainer's model: set "
-                              "rollout.backend=vllm (or use parallel.layout=colocated)")
-    elif cfg.rollout.one_step_off_policy:
-        raise ConfigError("rollout.one_step_off_policy=true overlaps generation on the rollout ranks with training "
-                          "on the others, so it needs parallel.layout=split (in the colocated layout every rank "
-                          "does both, taking turns); set it to false or use the split layout")
-    train_ranks = training_world(cfg, world_size)
-    if train_ranks < 1 or train_ranks % model_parallel:
-        need = f"{par.rollout_ranks} rollout + " if par.layout == "split" else ""
-        raise ConfigError(
-            f"world size {world_size} does not fit the layout: {need}training ranks {train_ranks} must be a "
-            f"multiple of tensor_parallel x pipeline_parallel = {model_parallel}; launch "
-            f"{(par.rollout_ranks if par.layout == 'split' else 0) + model_parallel} x k ranks "
-            f"(torchrun --nproc-per-node) or change parallel.tensor_parallel / parallel.pipeline_parallel"
-        )
-    if par.layout == "colocated" and world_size % par.rollout_tensor_parallel:
-        raise ConfigError(f"world size {world_size} is not a multiple of parallel.rollout_tensor_parallel="
-                          f"{par.rollout_tensor_parallel}; every rank of the colocated layout generates")
-    if cfg.algorithm.advantage_estimator == "gae":
-        vtp, vpp = value_parallel_sizes(par)
-        if train_ranks % (vtp * vpp):
-            raise ConfigError(
-                f"the value model's groups do not fit: training ranks {train_ranks} must be a multiple of "
-                f"parallel.value_tensor_parallel x parallel.value_pipeline_parallel = {vtp} x {vpp}; choose sizes "
-                f"whose product divides {train_ranks}"
-            )
-        value_dp = train_ranks // (vtp * vpp)
-        if cfg.train.prompts_per_step % (value_dp * cfg.algorithm.mini_batches):
-            raise ConfigError(
-                f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the value model's "
-                f"data-parallel size {value_dp} x algorithm.mini_batches={cfg.algorithm.mini_batches} (whole prompt "
-                "groups per value-model rank and mini-batch)"
-            )
-    dp = train_ranks // model_parallel
-    groups = dp * cfg.algorithm.mini_batches
-    if cfg.train.prompts_per_step % groups:
-        raise ConfigError(
-            f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of data-parallel size {dp} x "
-            f"algorithm.mini_batches={cfg.algorithm.mini_batches} = {groups} (whole prompt groups per rank and "
-            "mini-batch)"
-        )
-    return dp
+# --------------------------------------------------------------------------------------------- key listing
 
 
 def field_docs(cls) -> dict[str, str]:
-    """Docstrings of `cls`'s fields (for `--help`-style listings)."""
-    from megatron_rlvr.planner.specs import field_docs as _docs
-
-    return _docs(cls)
+    """The docstring under each dataclass field of `cls` (read from its source), for `--list-keys` and reports."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body
+    for node, following in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(
+            getattr(following, "value", None), ast.Constant
+        ):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
 
 
 def describe(cls=JobConfig, prefix: str = "") -> list[str]:

@@ -1,7 +1,12 @@
-"""A job's inputs checked before any process group or model exists: the model directory's files open, every
-data record parses and names a verifier the registry knows (`data.on_malformed`: fail or skip), no data file is
-empty, and some prompt fits `data.max_prompt_length`. Each problem is an `InputError` naming the file (and line)
-and the fix; the commands print it without a traceback.
+"""A job checked before any process group or model exists.
+
+- `validate(cfg, world_size)`: the config, each section by the subsystem that owns it (a `ConfigError` naming the
+  key and the fix).
+- `check_model_files`, `load_prompt_sets`: the inputs: the model directory's files open, every data record parses
+  and names a verifier the registry knows (`data.on_malformed`: fail or skip), no data file is empty, and some
+  prompt fits `data.max_prompt_length`. Each problem is an `InputError` naming the file (and line) and the fix.
+
+The commands print either without a traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +14,32 @@ from __future__ import annotations
 import json
 import os
 
-from megatron_rlvr.config import ConfigError
+from megatron_rlvr.config import ConfigError, JobConfig, check_values
+
+
+def validate(cfg: JobConfig, world_size: int | None = None, *, check_paths: bool = True) -> list[str]:
+    """Check `cfg` (and that it fits `world_size` ranks) before anything is built; raise ConfigError on the
+    first problem. Returns the paths that were not checked or not found when `check_paths` is False (the
+    dry run plans a cluster job on a machine that does not hold its files)."""
+    # the subsystems bring torch and megatron-core with them: imported here, so `--help` and `--list-keys` stay fast
+    from megatron_rlvr import algorithms, rewards
+    from megatron_rlvr.data import check as data_check
+    from megatron_rlvr.models import check as model_check
+    from megatron_rlvr.parallel.check import check_parallel, check_world
+    from megatron_rlvr.schedule import check_optimizer
+
+    unchecked: list[str] = []
+    check_values(cfg)
+    check_optimizer(cfg.train.optimizer, "train.optimizer")
+    check_optimizer(cfg.train.value_optimizer, "train.value_optimizer")
+    check_parallel(cfg.parallel)
+    algorithms.check_config(cfg)
+    rewards.check_config(cfg)
+    model_check.check_config(cfg, check_paths=check_paths, unchecked=unchecked)
+    data_check.check_config(cfg, check_paths=check_paths, unchecked=unchecked)
+    if world_size is not None:
+        check_world(cfg, world_size)
+    return unchecked
 
 
 class InputError(ConfigError):

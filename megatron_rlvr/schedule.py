@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+from megatron_rlvr.config import ConfigError
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -52,8 +54,6 @@ def set_lr(optimizer, optim, update: int, total_updates: int) -> float:
 
 def check_optimizer(optim, key: str) -> None:
     """ConfigError naming `key` (e.g. `train.optimizer`) when the schedule settings of `optim` cannot work."""
-    from megatron_rlvr.config import ConfigError
-
     if optim.schedule not in SCHEDULES:
         raise ConfigError(f"{key}.schedule={optim.schedule!r} is not one of {', '.join(SCHEDULES)}")
     if not 0.0 <= optim.warmup_ratio < 1.0:

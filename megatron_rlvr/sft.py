@@ -21,8 +21,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_rlvr.config import (ConfigError, ModelConfig, OptimizerConfig, ParallelConfig, _build, check_model_parallel,
-                                  check_timeouts, model_arch, parse_overrides, _set_dotted)
+from megatron_rlvr.config import (ConfigError, ModelConfig, OptimizerConfig, ParallelConfig, _build, _set_dotted,
+                                  parse_overrides)
+from megatron_rlvr.models.check import check_model_parallel, model_arch
+from megatron_rlvr.parallel.check import check_parallel
 from megatron_rlvr.schedule import check_optimizer
 
 logger = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ def validate_sft(cfg: SFTConfig, world_size: int) -> int:
         raise ConfigError(f"model.path={cfg.model.path!r} has no config.json: point it at a HuggingFace Llama directory")
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     check_model_parallel(arch, source, tp, pp)
-    check_timeouts(cfg.parallel)
+    check_parallel(cfg.parallel)
     check_optimizer(cfg.train.optimizer, "train.optimizer")
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: list at least one JSONL file of SFT records")

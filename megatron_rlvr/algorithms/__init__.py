@@ -3,9 +3,12 @@
     from megatron_rlvr.algorithms import compute_advantages, get_policy_loss
     adv, ret = compute_advantages("grpo", token_rewards, mask, group_ids=uids)
     loss, stats = get_policy_loss("ppo")(logp, old_logp, adv, mask, clip_high=0.28)
+
+`check_config(cfg)` checks a job's `algorithm` section against the registries.
 """
 
 from .advantages import compute_advantages
+from .check import check_config
 from .dapo import DynamicSamplingBuffer, informative_group_mask, overlong_reward_penalty
 from .kl import AdaptiveKLController, FixedKLController, kl_loss, kl_reward_penalty, make_kl_controller
 from .correction import MIS_LEVELS, ROLLOUT_CORRECTIONS, rollout_correction, truncated_is_weight
@@ -23,6 +26,7 @@ __all__ = [
     "DynamicSamplingBuffer",
     "FixedKLController",
     "aggregate_loss",
+    "check_config",
     "clipped_value_loss",
     "compute_advantages",
     "get_advantage_estimator",

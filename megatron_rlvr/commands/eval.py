@@ -9,7 +9,8 @@ import json
 import os
 import sys
 
-from megatron_rlvr.config import ConfigError, load_config, validate
+from megatron_rlvr.config import ConfigError, load_config
+from megatron_rlvr.preflight import validate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,8 @@ import argparse
 import os
 import sys
 
-from megatron_rlvr.config import ConfigError, describe, load_config, token_budget, validate
+from megatron_rlvr.config import ConfigError, describe, load_config, token_budget
+from megatron_rlvr.preflight import validate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +77,7 @@ def _show(groups: list[list[int]], limit: int = 4) -> str:
 def dry_run_report(cfg, world_size: int | None = None) -> str:
     """Validate `cfg` for `world_size` ranks (default: parallel.world_size, WORLD_SIZE, or the smallest world the
     layout fits) and describe layout, process groups and the planner's per-GPU memory estimate."""
-    from megatron_rlvr.config import check_world, policy_stage_layers, training_world, value_parallel_sizes
+    from megatron_rlvr.parallel.check import check_world, policy_stage_layers, training_world, value_parallel_sizes
     from megatron_rlvr.models.stages import PipelineSplit
     from megatron_rlvr.planner import CLUSTER_PRESETS, ClusterSpec, Layout, load_model, make_plan
     from megatron_rlvr.planner.plan import GIB

@@ -14,8 +14,9 @@ import os
 import yaml
 
 from megatron_rlvr.config import (CheckpointConfig, ConfigError, MetricsConfig, ModelConfig, OptimizerConfig,
-                                  ParallelConfig, _build, _resolve_relative, _set_dotted, check_model_parallel,
-                                  check_timeouts, model_arch, parse_overrides, policy_stage_layers)
+                                  ParallelConfig, _build, _resolve_relative, _set_dotted, parse_overrides)
+from megatron_rlvr.models.check import check_model_parallel, model_arch
+from megatron_rlvr.parallel.check import check_declared_world, check_parallel, policy_stage_layers
 
 
 @dataclasses.dataclass
@@ -148,7 +149,7 @@ def validate_dpo(cfg: DPOConfig, world_size: int, *, check_paths: bool = True, m
     par = cfg.parallel
     if par.layout != "colocated":
         raise ConfigError("parallel.layout: DPO trains on every rank (colocated); remove parallel.layout=split")
-    check_timeouts(par)
+    check_parallel(par)
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype={cfg.model.dtype!r} is not one of float32, bfloat16")
     if not cfg.model.path:
@@ -165,12 +166,8 @@ def validate_dpo(cfg: DPOConfig, world_size: int, *, check_paths: bool = True, m
         first, last = policy_stage_layers(par)
         check_model_parallel(arch, source, par.tensor_parallel, par.pipeline_parallel, first_stage_layers=first,
                              last_stage_layers=last)
-    if par.sequence_parallel and par.tensor_parallel == 1:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1; set it to false")
     model_parallel = par.tensor_parallel * par.pipeline_parallel
-    if par.world_size and par.world_size != world_size:
-        raise ConfigError(f"the job runs on {world_size} ranks but parallel.world_size={par.world_size}: launch "
-                          f"{par.world_size} ranks, or set parallel.world_size={world_size} (0 accepts any)")
+    check_declared_world(par, world_size)
     if world_size % model_parallel:
         raise ConfigError(f"world size {world_size} is not a multiple of parallel.tensor_parallel x "
                           f"parallel.pipeline_parallel = {model_parallel}; launch {model_parallel} x k ranks")

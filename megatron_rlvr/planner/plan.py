@@ -6,9 +6,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from megatron_rlvr.config import field_docs
 from megatron_rlvr.models.stages import fitting_splits
 from megatron_rlvr.planner.memory import GIB, RolloutMemory, TrainMemory, rollout_memory, train_memory
-from megatron_rlvr.planner.specs import ClusterSpec, Efficiency, Layout, ModelSpec, field_docs, load_model
+from megatron_rlvr.planner.specs import ClusterSpec, Efficiency, Layout, ModelSpec, load_model
 from megatron_rlvr.planner.timing import (
     Phase, generate_time, micro_batches_per_rank, sequences, sync_time, train_time,
 )

@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from megatron_rlvr.config import field_docs
 from megatron_rlvr.models.stages import PipelineSplit
 
 
@@ -274,23 +275,6 @@ class Efficiency:
     """Bytes per logit alive at the loss: bf16 logits + fp32 copy + fp32 log-softmax kept for backward."""
     logit_activation_bytes_fused: float = 2.0
     """Fused kernel: only the bf16 logits (and a per-row log-sum-exp)."""
-
-
-def field_docs(cls) -> dict[str, str]:
-    """The docstring under each dataclass field (read from the source), for --help and the report."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    docs: dict[str, str] = {}
-    body = tree.body[0].body
-    for node, following in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(
-            getattr(following, "value", None), ast.Constant
-        ):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
-    return docs
 
 
 __all__ = [

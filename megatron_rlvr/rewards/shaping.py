@@ -1,64 +1,51 @@
-"""Verifier score -> training reward, as configured (Tülu 3's RLVR recipe by default)."""
+"""Verifier score -> training reward, as the job's `reward` section (`config.RewardConfig`) says: a verified-answer
+scale, a truncation penalty, a format bonus and DAPO's overlong punishment (Tülu 3's RLVR recipe: verified_reward
+10, truncation_penalty -10)."""
 
 from __future__ import annotations
 
 import functools
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Sequence
+
+from megatron_rlvr.config import ConfigError, JobConfig, RewardConfig
 
 # R1-style structure: reasoning in <think>, then the final answer in <answer>, nothing around them.
 THINK_ANSWER_FORMAT = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$"
 
 
-@dataclass(frozen=True)
-class RewardConfig:
-    """How verifier scores in [0, 1] become rewards."""
-
-    verified_reward: float = 10.0
-    """Reward for a response the verifier accepts; a score s in [0, 1] earns s * verified_reward (Tülu 3: 10)."""
-
-    truncation_penalty: float | None = -10.0
-    """Reward for a response cut off before its end-of-sequence token, replacing all other terms (Tülu 3: -10).
-    None leaves truncated responses to be scored like finished ones."""
-
-    format_pattern: str | None = None
-    """Regular expression (`re.search`, `.` matching newlines) a response must match to earn `format_reward`,
-    e.g. `THINK_ANSWER_FORMAT`; None: no format term."""
-
-    format_reward: float = 0.0
-    """Reward added when the response matches `format_pattern`."""
-
-    overlong_buffer: int = 0
-    """DAPO's soft overlong punishment: a finished response longer than max_tokens - overlong_buffer tokens loses
-    up to `overlong_penalty`, linearly over the buffer (`algorithms.overlong_reward_penalty`); 0: off."""
-
-    overlong_penalty: float = 1.0
-    """The penalty at the length limit."""
-
-    def __post_init__(self):
-        for spec in fields(self):
-            value = getattr(self, spec.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"RewardConfig.{spec.name} must be finite, got {value}")
-        if self.format_reward != 0.0 and self.format_pattern is None:
-            raise ValueError(f"RewardConfig.format_reward={self.format_reward} needs a format_pattern to match, "
-                             "e.g. megatron_rlvr.rewards.shaping.THINK_ANSWER_FORMAT")
-        if self.overlong_buffer < 0:
-            raise ValueError(f"RewardConfig.overlong_buffer must be >= 0 tokens (0: off), got {self.overlong_buffer}")
-        if self.format_pattern is not None:
-            try:
-                _compiled(self.format_pattern)
-            except re.error as err:
-                raise ValueError(f"RewardConfig.format_pattern {self.format_pattern!r} is not a valid regular "
-                                 f"expression: {err}") from None
+def check_reward_config(cfg: RewardConfig) -> None:
+    """ConfigError (a ValueError) naming the field when `cfg` cannot shape rewards: every number finite, a format
+    reward with a pattern to earn it by, a valid pattern, a non-negative overlong buffer."""
+    for spec in fields(cfg):
+        value = getattr(cfg, spec.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"RewardConfig.{spec.name} must be finite, got {value}")
+    if cfg.format_reward != 0.0 and cfg.format_pattern is None:
+        raise ConfigError(f"RewardConfig.format_reward={cfg.format_reward} needs a format_pattern to match, "
+                          "e.g. megatron_rlvr.rewards.shaping.THINK_ANSWER_FORMAT")
+    if cfg.overlong_buffer < 0:
+        raise ConfigError(f"RewardConfig.overlong_buffer must be >= 0 tokens (0: off), got {cfg.overlong_buffer}")
+    if cfg.format_pattern is not None:
+        try:
+            _compiled(cfg.format_pattern)
+        except re.error as err:
+            raise ConfigError(f"RewardConfig.format_pattern {cfg.format_pattern!r} is not a valid regular "
+                              f"expression: {err}") from None
 
 
-    @classmethod
-    def from_settings(cls, settings) -> "RewardConfig":
-        """The RewardConfig of an object with the same fields (the job config's `reward` section)."""
-        return cls(**{spec.name: getattr(settings, spec.name) for spec in fields(cls)})
+def check_config(cfg: JobConfig) -> None:
+    """The job's `reward` section: `check_reward_config`, and the overlong buffer within rollout.max_tokens."""
+    reward = cfg.reward
+    if reward.overlong_buffer > cfg.rollout.max_tokens:
+        raise ConfigError(f"reward.overlong_buffer={reward.overlong_buffer} must be at most rollout.max_tokens="
+                          f"{cfg.rollout.max_tokens} (the punishment ramps up over the last overlong_buffer tokens)")
+    try:
+        check_reward_config(reward)
+    except ConfigError as err:
+        raise ConfigError(f"reward: {err}") from None
 
 
 @functools.lru_cache(maxsize=16)
@@ -78,8 +65,9 @@ def shape_rewards(
 
     `finished[i]` is whether response i ended with an end-of-sequence token rather than at the length limit;
     overlong_i is DAPO's soft punishment of response i's `response_lengths[i]` tokens against `max_tokens` (both
-    needed when `cfg.overlong_buffer` is set).
+    needed when `cfg.overlong_buffer` is set). A `cfg` that `check_reward_config` refuses raises ConfigError.
     """
+    check_reward_config(cfg)
     if not len(scores) == len(finished) == len(responses):
         raise ValueError(f"shape_rewards needs one score, finished flag and response per sample; got "
                          f"{len(scores)} scores, {len(finished)} finished flags, {len(responses)} responses")

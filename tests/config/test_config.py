@@ -2,12 +2,15 @@
 group exists). The 8B / 70B / 405B example configs validate and plan with --dry-run."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch.distributed as dist
 
-from megatron_rlvr.config import ConfigError, JobConfig, config_from_dict, load_config, parse_overrides, validate
+from megatron_rlvr.config import ConfigError, JobConfig, config_from_dict, load_config, parse_overrides
 from megatron_rlvr.models.tiny import save_tiny_llama
+from megatron_rlvr.preflight import validate
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs")
 
@@ -27,6 +30,14 @@ def error(job, overrides, world_size=1) -> str:
     with pytest.raises(ConfigError) as info:
         validate(config_from_dict(job, overrides), world_size)
     return str(info.value)
+
+
+def test_config_module_is_plain_data():
+    """Reading a config loads no other part of the engine and no torch: the subsystems check their own sections."""
+    probe = ("import sys, megatron_rlvr.config; print(' '.join(sorted(m for m in sys.modules if m == 'torch' or "
+             "m.startswith('megatron_rlvr.'))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == ["megatron_rlvr.config"]
 
 
 def test_overrides_parse_as_yaml_and_nest(job):
@@ -166,6 +177,12 @@ def test_choices_and_ranges(job):
     assert "set rollout.n >= 2" in error(job, ["rollout.n=1"])
     assert "train.steps=0 must be >= 1" in error(job, ["train.steps=0"])
     assert "reward: RewardConfig.format_reward" in error(job, ["reward.format_reward=1.0"])
+
+
+def test_reward_section_is_checked(job):
+    msg = error(job, ["reward.overlong_buffer=100"])
+    assert "reward.overlong_buffer=100 must be at most rollout.max_tokens=64" in msg
+    assert "reward: RewardConfig.truncation_penalty must be finite" in error(job, ["reward.truncation_penalty=.inf"])
 
 
 def test_errors_come_before_any_process_group(job):

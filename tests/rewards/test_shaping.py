@@ -6,9 +6,8 @@ from megatron_rlvr.rewards import RewardConfig, shape_rewards
 from megatron_rlvr.rewards.shaping import THINK_ANSWER_FORMAT
 
 
-def test_tulu3_defaults():
-    cfg = RewardConfig()
-    assert (cfg.verified_reward, cfg.truncation_penalty, cfg.format_pattern) == (10.0, -10.0, None)
+def test_tulu3_recipe():
+    cfg = RewardConfig(verified_reward=10.0, truncation_penalty=-10.0)
     rewards = shape_rewards([1.0, 0.0, 1.0, 0.5], [True, True, False, True], ["a", "b", "c", "d"], cfg)
     assert rewards == [10.0, 0.0, -10.0, 5.0]
 
@@ -38,10 +37,18 @@ def test_format_pattern_is_a_search_not_a_full_match():
     ({"format_pattern": "(", "format_reward": 1.0}, "not a valid regular expression"),
     ({"verified_reward": float("nan")}, "verified_reward must be finite"),
     ({"truncation_penalty": float("-inf")}, "truncation_penalty must be finite"),
+    ({"overlong_buffer": -1}, "overlong_buffer must be >= 0"),
 ])
-def test_config_errors(kwargs, message):
+def test_shape_rewards_refuses_a_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        RewardConfig(**kwargs)
+        shape_rewards([1.0], [True], ["a"], RewardConfig(**kwargs))
+
+
+def test_the_job_reward_section_is_the_reward_config():
+    from megatron_rlvr.config import JobConfig
+
+    assert type(JobConfig().reward) is RewardConfig
+    assert (RewardConfig().verified_reward, RewardConfig().truncation_penalty) == (1.0, None)  # the job's defaults
 
 
 def test_length_mismatch_and_out_of_range_scores():
