@@ -34,7 +34,6 @@ def run(args: argparse.Namespace) -> int:
 
     single_process_env()
     from megatron_rlvr.commands.running import run_job
-    from megatron_rlvr.trainer import evaluate_policy
 
     result = []
     status = run_job("eval", None, lambda: result.append(evaluate_policy(cfg)))
@@ -48,3 +47,36 @@ def run(args: argparse.Namespace) -> int:
             with open(args.json, "w") as f:
                 json.dump({"accuracy": accuracy, "model": cfg.model.path, "eval_files": cfg.data.eval_files}, f)
     return 0
+
+
+def evaluate_policy(cfg) -> float:
+    """Greedy held-out accuracy of the policy at `cfg.model.path` on `cfg.data.eval_files`: the same groups,
+    engine, prompts and verifiers as the evaluations inside `train`. Collective; every rank gets it."""
+    from transformers import AutoTokenizer
+
+    from megatron_rlvr.models.build import Models, build_model
+    from megatron_rlvr.models.llama import LlamaArch
+    from megatron_rlvr.parallel.groups import init_groups
+    from megatron_rlvr.parallel.state import init_distributed, seed_everything
+    from megatron_rlvr.preflight import check_model_files, load_prompt_sets
+    from megatron_rlvr.rewards import RewardPool
+    from megatron_rlvr.rollout.producer import build_engine, evaluate
+
+    check_model_files(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    _, prompts = load_prompt_sets(cfg, tokenizer)
+    rank, world = init_distributed(cfg.parallel.timeout_s)
+    seed_everything(cfg.train.seed)
+    groups = init_groups(cfg, world, vllm=cfg.rollout.backend == "vllm")
+    models, arch = None, LlamaArch.from_pretrained(cfg.model.path)  # rollout-only ranks: vLLM loads the weights
+    if groups.trains:
+        policy, arch = build_model(cfg, cfg.model.path, groups.policy, frozen=True)
+        models = Models(policy, None)
+    engine = build_engine(cfg, groups, models, arch, tokenizer)
+    pool = RewardPool(cfg.reward.workers, cfg.reward.timeout_s) if rank == 0 else None
+    try:
+        return evaluate(engine, prompts, cfg, tokenizer, pool, rank, seed=cfg.train.seed)
+    finally:
+        engine.close()
+        if pool is not None:
+            pool.close()

@@ -10,7 +10,7 @@ import json
 
 from megatron_rlvr.planner import CLUSTER_PRESETS, ClusterSpec, Efficiency, Layout, format_report, load_model, make_plan
 from megatron_rlvr.planner.presets import PRESETS
-from megatron_rlvr.planner.specs import field_docs
+from megatron_rlvr.config import field_docs
 
 _CLUSTER_FIELDS = ("gpus_per_node", "memory_gib", "reserved_gib", "nvlink_gbps", "inter_gbps", "bf16_tflops",
                    "hbm_tbps")

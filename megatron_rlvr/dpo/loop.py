@@ -151,7 +151,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     from megatron_rlvr.parallel.model import make_trainable
     from megatron_rlvr.parallel.state import init_distributed, init_model_parallel, seed_everything
     from megatron_rlvr.schedule import set_lr
-    from megatron_rlvr.trainer import build_model
+    from megatron_rlvr.models.build import build_model
     from megatron_rlvr.watchdog import start_watchdog
 
     validate_dpo(cfg, int(os.environ.get("WORLD_SIZE", "1")))

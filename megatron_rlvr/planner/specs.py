@@ -13,7 +13,6 @@ import math
 import os
 from dataclasses import dataclass
 
-from megatron_rlvr.config import field_docs
 from megatron_rlvr.models.stages import PipelineSplit
 
 
@@ -278,5 +277,5 @@ class Efficiency:
 
 
 __all__ = [
-    "CLUSTER_PRESETS", "ClusterSpec", "Efficiency", "Layout", "ModelSpec", "NAMED_MODELS", "field_docs", "load_model",
+    "CLUSTER_PRESETS", "ClusterSpec", "Efficiency", "Layout", "ModelSpec", "NAMED_MODELS", "load_model",
 ]
