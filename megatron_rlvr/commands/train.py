@@ -77,19 +77,23 @@ def _show(groups: list[list[int]], limit: int = 4) -> str:
 def dry_run_report(cfg, world_size: int | None = None) -> str:
     """Validate `cfg` for `world_size` ranks (default: parallel.world_size, WORLD_SIZE, or the smallest world the
     layout fits) and describe layout, process groups and the planner's per-GPU memory estimate."""
-    from megatron_rlvr.parallel.check import check_world, policy_stage_layers, training_world, value_parallel_sizes
+    from megatron_rlvr.parallel.check import (check_world, policy_stage_layers, rollout_only_ranks, training_world,
+                                              value_parallel_sizes)
+    from megatron_rlvr.parallel.groups import job_layout
     from megatron_rlvr.models.stages import PipelineSplit
     from megatron_rlvr.planner import CLUSTER_PRESETS, ClusterSpec, Layout, load_model, make_plan
     from megatron_rlvr.planner.plan import GIB
 
     par = cfg.parallel
-    split = par.layout == "split"
     world = world_size or par.world_size or int(os.environ.get("WORLD_SIZE", "0")) or (
-        (par.rollout_ranks if split else 0) + par.tensor_parallel * par.pipeline_parallel)
+        rollout_only_ranks(cfg) + par.tensor_parallel * par.pipeline_parallel)
     missing = validate(cfg, world, check_paths=False)
     dp = check_world(cfg, world)
     train_ranks = training_world(cfg, world)
     offset = world - train_ranks
+    # the rank roles the job would take (vLLM engines only; the megatron backend samples on every trainer rank)
+    roles = job_layout(cfg, world) if cfg.rollout.backend == "vllm" else None
+    split = roles is not None and not roles.trainers_host_engines
     local = bool(cfg.model.path) and os.path.isfile(os.path.join(cfg.model.path, "config.json"))
     spec = load_model(cfg.model.path if local else cfg.model.shape) if (local or cfg.model.shape) else None
     first, last = policy_stage_layers(par)
@@ -104,15 +108,16 @@ def dry_run_report(cfg, world_size: int | None = None) -> str:
            f"layout {par.layout}: training ranks {offset}..{world - 1} as TP {par.tensor_parallel} x "
            f"PP {par.pipeline_parallel} x DP {dp}{stages}" + (" (sequence parallel)" if par.sequence_parallel else ""),
            f"rollout: backend {cfg.rollout.backend}, "
-           + (f"ranks 0..{offset - 1} as {offset // par.rollout_tensor_parallel} engine(s)" if split
-              else f"every rank, {world // par.rollout_tensor_parallel} engine(s)")
-           + f" of TP {par.rollout_tensor_parallel}; {cfg.train.prompts_per_step} prompts x {cfg.rollout.n} samples "
+           + (f"ranks 0..{offset - 1} as {roles.num_engines} engine(s) of TP {par.rollout_tensor_parallel}" if split
+              else f"every rank, {roles.num_engines} engine(s) of TP {par.rollout_tensor_parallel}" if roles
+              else "every rank, with the trainer's own model")
+           + f"; {cfg.train.prompts_per_step} prompts x {cfg.rollout.n} samples "
            f"per step, up to {cfg.rollout.max_tokens} new tokens",
            f"algorithm: {cfg.algorithm.advantage_estimator} advantages, {cfg.algorithm.policy_loss} loss, "
            f"KL beta {cfg.algorithm.kl_coef} ({cfg.algorithm.kl_mode}), lr {cfg.train.optimizer.lr}",
            "", "process groups (global ranks):"]
     if split:
-        out.append(f"  rollout    {_show([list(range(s, s + par.rollout_tensor_parallel)) for s in range(0, offset, par.rollout_tensor_parallel)])}")
+        out.append(f"  rollout    {_show([list(roles.engine_ranks(e)) for e in range(roles.num_engines)])}")
     for name, groups in _groups(par.tensor_parallel, par.pipeline_parallel, dp, offset).items():
         out.append(f"  {name:<10} {_show(groups)}")
     if gae:

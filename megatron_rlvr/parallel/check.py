@@ -20,9 +20,14 @@ def policy_stage_layers(par: ParallelConfig) -> tuple[int | None, int | None]:
     return par.pipeline_first_stage_layers or None, par.pipeline_last_stage_layers or None
 
 
+def rollout_only_ranks(cfg: JobConfig) -> int:
+    """Ranks that only generate: the split layout's rollout block (none in the colocated layout)."""
+    return cfg.parallel.rollout_ranks if cfg.parallel.layout == "split" else 0
+
+
 def training_world(cfg: JobConfig, world_size: int) -> int:
     """Ranks that train: all of them (colocated) or those past the rollout block (split)."""
-    return world_size - cfg.parallel.rollout_ranks if cfg.parallel.layout == "split" else world_size
+    return world_size - rollout_only_ranks(cfg)
 
 
 def check_timeouts(par: ParallelConfig) -> None:

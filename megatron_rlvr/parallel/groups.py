@@ -21,7 +21,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_rlvr.config import JobConfig
 from megatron_rlvr.parallel.check import training_world, value_parallel_sizes
-from megatron_rlvr.parallel.layout import LayoutGroups, init_layout, make_layout
+from megatron_rlvr.parallel.layout import Layout, LayoutGroups, init_layout, make_layout
 from megatron_rlvr.parallel.state import init_model_parallel, init_value_parallel
 
 
@@ -54,9 +54,7 @@ def init_groups(cfg: JobConfig, world: int, *, vllm: bool) -> Groups:
     par = cfg.parallel
     rollout = None
     if vllm:
-        layout = make_layout(par.layout, world, train_tp=par.tensor_parallel, train_pp=par.pipeline_parallel,
-                             rollout_tp=par.rollout_tensor_parallel)
-        rollout = init_layout(layout, seed=cfg.train.seed)
+        rollout = init_layout(job_layout(cfg, world), seed=cfg.train.seed)
         policy = rollout.pg
     else:
         policy = init_model_parallel(par.tensor_parallel, par.pipeline_parallel, seed=cfg.train.seed)
@@ -64,6 +62,15 @@ def init_groups(cfg: JobConfig, world: int, *, vllm: bool) -> Groups:
     if cfg.algorithm.advantage_estimator == "gae":
         value = value_groups(cfg, policy)
     return Groups(policy, value, rollout)
+
+
+def job_layout(cfg: JobConfig, world: int) -> Layout:
+    """The rank roles of a vLLM job on `world` ranks: `parallel.layout`, the training TP x PP, and vLLM engines of
+    `parallel.rollout_tensor_parallel` ranks (split: `parallel.rollout_ranks` of them in all)."""
+    par = cfg.parallel
+    return make_layout(par.layout, world, train_tp=par.tensor_parallel, train_pp=par.pipeline_parallel,
+                       rollout_tp=par.rollout_tensor_parallel,
+                       num_engines=max(1, par.rollout_ranks // par.rollout_tensor_parallel))
 
 
 def value_groups(cfg: JobConfig, policy: ProcessGroupCollection | None) -> ProcessGroupCollection | None:

@@ -203,17 +203,18 @@ def test_cli_reports_config_error(job, capsys):
     assert "config error: parallel.pipeline_parallel=3 does not divide num_hidden_layers=2" in err
 
 
-@pytest.mark.parametrize("name,world,expect", [
-    ("llama-8b-tulu3.yaml", 8, "training ranks 4..7 as TP 4 x PP 1 x DP 1"),
-    ("llama-70b-tulu3.yaml", 40, "training ranks 8..39 as TP 8 x PP 4 x DP 1"),
+@pytest.mark.parametrize("name,world,expect,engines", [
+    ("llama-8b-tulu3.yaml", 8, "training ranks 4..7 as TP 4 x PP 1 x DP 1", "ranks 0..3 as 4 engine(s) of TP 1"),
+    ("llama-70b-tulu3.yaml", 40, "training ranks 8..39 as TP 8 x PP 4 x DP 1", "ranks 0..7 as 1 engine(s) of TP 8"),
     ("llama-405b-tulu3.yaml", 256, "training ranks 16..255 as TP 8 x PP 10 x DP 3 (layers per stage "
-                                   "11 | 13 x 8 | 11)"),
+                                   "11 | 13 x 8 | 11)", "ranks 0..15 as 1 engine(s) of TP 16"),
 ])
-def test_large_configs_dry_run(name, world, expect, capsys):
+def test_large_configs_dry_run(name, world, expect, engines, capsys):
     from megatron_rlvr.cli import main
 
     assert main(["train", "--config", os.path.join(EXAMPLES, name), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"config valid for a world of {world} ranks" in out and expect in out
+    assert f"rollout: backend vllm, {engines}" in out  # the rank roles the job's groups take (parallel.job_layout)
     assert "per-GPU memory estimate" in out and "process groups" in out
     assert "not on this machine (needed at launch)" in out  # the model and data live on the cluster
