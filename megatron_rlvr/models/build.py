@@ -8,9 +8,8 @@ import dataclasses
 import torch
 
 from megatron_rlvr.config import JobConfig
+from megatron_rlvr.models.gguf import DTYPES
 from megatron_rlvr.parallel.check import policy_stage_layers
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass

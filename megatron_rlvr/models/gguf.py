@@ -28,6 +28,7 @@ GGUF_MAGIC = b"GGUF"
 # transformers model types read from GGUF that we train, and their class (models.llama.SUPPORTED_ARCHITECTURES)
 TRAINABLE_MODEL_TYPES = {"llama": "LlamaForCausalLM"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""model.dtype names -> torch dtypes (the dtypes a model is built or converted in)"""
 
 
 def smollm2_gguf_path() -> str:

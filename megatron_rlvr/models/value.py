@@ -31,7 +31,7 @@ def build_value_model(cfg: JobConfig, pg: ProcessGroupCollection):
 
     The trunk is the HF Llama at `model.value_path` (the policy's weights when empty); the scalar head starts at
     zero. The value model uses an even pipeline split of its own layers."""
-    from megatron_rlvr.models.build import DTYPES
+    from megatron_rlvr.models.gguf import DTYPES
     from megatron_rlvr.models.llama import LlamaArch, build_llama, transformer_config
     from megatron_rlvr.models.weights import load_hf_into_model, read_hf_state
     from megatron_rlvr.parallel.model import make_trainable
