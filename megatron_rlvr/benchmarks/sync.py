@@ -12,7 +12,7 @@ then times, median of --repeats, in the same process groups:
 - load: vLLM's loading alone (`VllmEngine.load_hf`: its layer-wise reload, or its loaders into plain CPU
   weights), from the same tensors already in memory (no transfer); not shown for the in-place and direct paths,
   which copy each shard into vLLM's parameters as it arrives.
-- sync: `VllmEngine.sync_weights` end to end (transport + loading, the colocated in-place copy, or the split
+- sync: `WeightSync.push` (`sync.weight_sync`) end to end (transport + loading, the colocated in-place copy, or the split
   layout's direct copy of received shards into plain vLLM weights), the checks excluded (timed separately: check,
   the exact per-tensor check; verify, the log-prob probe).
 - generate: 4 prompts x 2 samples x 32 tokens, to show what `--cpu-plain-weights` costs vLLM's generation.
@@ -101,7 +101,7 @@ def _raw_broadcast(groups, stream, model):
     import torch.distributed as dist
 
     layout = groups.layout
-    if layout.kind == "colocated":
+    if layout.trainers_host_engines:
         pg = groups.pg
         if pg.tp.size() == 1:
             return lambda: None
@@ -139,6 +139,7 @@ def _worker(rank, world, args, model_dir):
     from megatron_rlvr.platform import current_platform
     from megatron_rlvr.rollout import SamplingConfig
     from megatron_rlvr.rollout.vllm_engine import VllmEngine
+    from megatron_rlvr.sync.weight_sync import WeightSync
 
     platform = current_platform()
     layout = make_layout(args.layout, world, train_tp=args.train_tp, rollout_tp=args.rollout_tp)
@@ -148,13 +149,14 @@ def _worker(rank, world, args, model_dir):
     if layout.is_trainer(rank):
         model = build_llama(arch, transformer_config(arch, tp=args.train_tp), groups.pg, pad_vocab_multiple=16)
     engine = VllmEngine(groups, model_dir, dtype="float32", max_model_len=128, max_num_seqs=4,
-                        bucket_mb=args.bucket_mb, cpu_plain_weights=args.cpu_plain_weights)
-    engine.sync_weights(model)  # warm-up; also exchanges the senders' tensor lists once
-    raw = _raw_broadcast(groups, engine.stream, model)
+                        cpu_plain_weights=args.cpu_plain_weights)
+    sync = WeightSync(engine, groups, bucket_mb=args.bucket_mb)
+    sync.push(model)  # warm-up; also chooses the path and exchanges the senders' tensor lists once
+    raw = _raw_broadcast(groups, sync.stream, model)
     local = read_hf_state(model_dir) if engine.llm is not None else {}
 
     def load():  # an in-place or direct sync has no loader, and a reload would swap out the weights it writes into
-        if engine.llm is not None and engine.sync_path in ("load", "reload"):
+        if engine.llm is not None and sync.path in ("load", "reload"):
             engine.load_hf(iter(local.items()))
 
     times = collections.defaultdict(list)
@@ -162,26 +164,26 @@ def _worker(rank, world, args, model_dir):
     for _ in range(args.repeats):
         times["raw"].append(_timed(raw, platform))
         times["transport"].append(
-            _timed(lambda: collections.deque(engine.stream.run(model), maxlen=0), platform))
+            _timed(lambda: collections.deque(sync.stream.run(model), maxlen=0), platform))
         times["load"].append(_timed(load, platform))
         platform.reset_peak_memory()
         before = _PeakRss.rss() if platform.device_type == "cpu" else platform.max_memory_allocated()
         with _PeakRss() as sampler:
-            stats = engine.sync_weights(model)
+            stats = sync.push(model)
         after = sampler.peak if platform.device_type == "cpu" else platform.max_memory_allocated()
         peak = max(peak, after - before)
         times["sync"].append(stats.seconds)
-        times["check"].append(_timed(lambda: engine.check(model), platform))
-        times["verify"].append(_timed(lambda: engine.verify(model), platform))
+        times["check"].append(_timed(lambda: sync.check(model), platform))
+        times["verify"].append(_timed(lambda: sync.verify(model), platform))
         times["generate"].append(_timed(lambda: engine.generate(
             [[1, 5 + i, 9, 13] for i in range(4)], SamplingConfig(n=2, temperature=1.0, max_tokens=32, seed=1)),
             platform))
     engine.close()
     dist.barrier()
     return {"rank": rank, "role": ("trainer+" if layout.is_trainer(rank) else "") + (
-        "rollout" if layout.is_rollout(rank) else ""), "bytes": engine.stream.last_bytes,
+        "rollout" if layout.is_rollout(rank) else ""), "bytes": sync.stream.last_bytes,
         "times": {k: statistics.median(v) for k, v in times.items()}, "peak_bytes": peak,
-        "params": arch.num_parameters(), "device": platform.name, "path": engine.sync_path}
+        "params": arch.num_parameters(), "device": platform.name, "path": sync.path}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,8 +6,8 @@ allocated once as vLLM allocates its own; the source is a megatron GPTModel buil
 (training TP 1). Timed in the same run, median of --repeats, the three interleaved in every repeat:
 
 - device copy: `copy_` of one flat buffer into another of the same bytes: what this device sustains for a copy.
-- in-place: the engine's colocated sync (`sync.vllm_layout.InplaceCopy`): one strided copy per region, megatron's
-  layout straight into vLLM's.
+- in-place: the colocated "inplace" path of `sync.weight_sync.WeightSync` (`sync.vllm_layout.InplaceCopy`): one
+  strided copy per region, megatron's layout straight into vLLM's.
 - old path: `sync.transfer.to_hf` (HF-named tensors; the QKV reorder is a copy) then, per HF tensor, the
   narrow-and-copy vLLM's weight loaders do into the fused parameters (`loader_copy`; the layer rebuilding and
   post-processing of vLLM's layer-wise reload are not counted).
@@ -88,7 +88,7 @@ def loader_copy(destinations: Mapping[str, torch.Tensor], hf_name: str, tensor: 
 
 
 def fill_inplace(copy, model, arch, pg, destinations: Mapping[str, torch.Tensor]) -> None:
-    """The in-place sync as the engine runs it (`copy`: an `InplaceCopy` of the plan for this rank)."""
+    """The in-place sync as `WeightSync.push` runs it (`copy`: an `InplaceCopy` of the plan for this rank)."""
     from megatron_rlvr.sync.transfer import local_shards
 
     rank = pg.tp.rank()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from megatron_rlvr.parallel.layout import LayoutGroups
-from megatron_rlvr.rollout.base import RolloutEngine, Sample, SamplingConfig, SyncStats
+from megatron_rlvr.rollout.base import RolloutEngine, Sample, SamplingConfig
 
 BACKENDS = ("vllm", "megatron")
 
@@ -21,8 +21,8 @@ def build_rollout_engine(
     """The rollout engine of `backend`; collective over the world (call on every rank).
 
     `model` is the trainer's policy on trainer ranks (None elsewhere); the megatron backend samples from it and
-    needs every rank to be a trainer. `opts` go to the engine (e.g. `dtype`, `max_model_len`, `bucket_mb`,
-    `verify_atol`, `kv_cache_gib` for vLLM).
+    needs every rank to be a trainer. `opts` go to the engine (e.g. `dtype`, `max_model_len`, `kv_cache_gib`,
+    `cpu_plain_weights` for vLLM). Its weight sync is built next to it (`sync.weight_sync.build_weight_sync`).
     """
     if backend == "vllm":
         from megatron_rlvr.rollout.vllm_engine import VllmEngine
@@ -46,4 +46,4 @@ def build_rollout_engine(
     raise ValueError(f"rollout backend {backend!r} is unknown; known: {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "RolloutEngine", "Sample", "SamplingConfig", "SyncStats", "build_rollout_engine"]
+__all__ = ["BACKENDS", "RolloutEngine", "Sample", "SamplingConfig", "build_rollout_engine"]

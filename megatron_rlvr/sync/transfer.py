@@ -18,8 +18,8 @@ Every rank's role follows from the layout, so `WeightStream.run(model)` is calle
 
 Buffers are persistent and reused (`depth` send buffers or receive slots, one assembly buffer): a tensor
 handed to the consumer stays valid until the consumer has taken the next bucket, then its memory is
-overwritten. A consumer that keeps a tensor longer must copy it (`rollout.vllm_engine` does for the vocab
-tables, whose padded shards vLLM processes last).
+overwritten. A consumer that keeps a tensor longer must copy it (`rollout.vllm_engine.VllmEngine.load_hf` does
+for the vocab tables, whose padded shards vLLM processes last).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class WeightStream:
         """bytes this rank sent or received in the last run"""
 
     def run(self, model: torch.nn.Module | None) -> HFTensors:
-        if self.layout.kind == "colocated":
+        if self.layout.trainers_host_engines:
             return self._colocated(model)
         return self._split(model)
 
@@ -89,8 +89,9 @@ class WeightStream:
         """Split layout, like `run` but without the HF conversion: on the rollout ranks (megatron name, {training
         TP rank: received shard}) for the shards routed to this rank, each valid until the next unit is taken
         (for a direct copy into the engine's parameters, `sync.vllm_layout`)."""
-        if self.layout.kind != "split":
-            raise ValueError("run_shards: the colocated layout holds its shards locally (local_shards)")
+        if self.layout.trainers_host_engines:
+            raise ValueError("run_shards: in the colocated layout every rank holds its shards locally; read them "
+                             "with local_shards(model, arch, pg) instead")
         return self._split(model, convert=False)
 
     # --- split layout -------------------------------------------------------------------------------------

