@@ -17,7 +17,8 @@ RolloutFactory = Callable[..., object]
 def build_engine(cfg: JobConfig, groups, models, arch, tokenizer, factory: RolloutFactory | None = None):
     """The rollout engine of `cfg.rollout.backend` on `groups` (`parallel.Groups`), or what
     `factory(cfg, model, arch, pg, tokenizer)` builds (tests). megatron: `rollout.megatron_engine.MegatronEngine`
-    over the policy itself (any TP x PP); vllm: `rollout.vllm_engine.VllmEngine` over the layout's groups."""
+    over the policy itself (any TP x PP); vllm: `rollout.vllm_engine.VllmEngine` over the layout's groups (the
+    in-process engine; collective over the world). Its weight sync is `sync.weight_sync.build_weight_sync`'s."""
     policy = models.policy if models is not None else None
     if factory is not None:
         return factory(cfg, policy, arch, groups.policy, tokenizer)
@@ -26,15 +27,13 @@ def build_engine(cfg: JobConfig, groups, models, arch, tokenizer, factory: Rollo
 
         return MegatronEngine(policy, groups.policy, arch, eos_token_ids(cfg.model.path),
                               pad_id=tokenizer.pad_token_id)
-    from megatron_rlvr.rollout import build_rollout_engine
+    from megatron_rlvr.rollout.vllm_engine import VllmEngine
 
-    return build_rollout_engine(cfg.rollout.backend, groups.rollout, cfg.model.path, model=policy,
-                                dtype=cfg.model.dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                                enforce_eager=cfg.rollout.enforce_eager,
-                                cpu_plain_weights=cfg.rollout.cpu_plain_weights, kv_cache_gib=cfg.rollout.kv_cache_gib,
-                                probe_interval=cfg.rollout.sync_probe_interval,
-                                probe_atol=cfg.rollout.sync_probe_atol,
-                                max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_tokens)
+    return VllmEngine(groups.rollout, cfg.model.path, dtype=cfg.model.dtype,
+                      gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                      enforce_eager=cfg.rollout.enforce_eager, cpu_plain_weights=cfg.rollout.cpu_plain_weights,
+                      kv_cache_gib=cfg.rollout.kv_cache_gib,
+                      max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_tokens)
 
 
 def sampling_config(cfg: JobConfig, seed: int, *, greedy: bool = False):

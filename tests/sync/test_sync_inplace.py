@@ -20,7 +20,8 @@ def _inplace_worker(rank, world, train_tp, rollout_tp, model_dir, prompts, dtype
     from megatron_rlvr.config import OptimizerConfig
     from megatron_rlvr.parallel.layout import group_as_world, init_layout, make_layout
     from megatron_rlvr.parallel.model import make_trainable
-    from megatron_rlvr.rollout import SamplingConfig, build_rollout_engine
+    from megatron_rlvr.rollout import SamplingConfig
+    from megatron_rlvr.rollout.vllm_engine import VllmEngine
     from megatron_rlvr.sync.weight_sync import build_weight_sync
 
     layout = make_layout("colocated", world, train_tp=train_tp, rollout_tp=rollout_tp)
@@ -28,8 +29,8 @@ def _inplace_worker(rank, world, train_tp, rollout_tp, model_dir, prompts, dtype
     _, model = build_policy(model_dir, groups.pg, train_tp, dtype=getattr(torch, dtype))
     with group_as_world(groups.trainer_group):
         ddp, optimizer = make_trainable(model, groups.pg, OptimizerConfig(name="adam", lr=2e-2, clip_grad=0.0))
-    engine = build_rollout_engine("vllm", groups, model_dir, dtype=dtype, max_model_len=64, max_num_seqs=16,
-                                  cpu_plain_weights=True)
+    engine = VllmEngine(groups, model_dir, dtype=dtype, max_model_len=64, max_num_seqs=16,
+                        cpu_plain_weights=True)
     sync = build_weight_sync(engine, groups)
     vocab = engine.arch.vocab_size
     sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=5)

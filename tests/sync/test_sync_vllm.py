@@ -27,7 +27,8 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wr
     from megatron_rlvr.parallel.layout import group_as_world, init_layout, make_layout
     from megatron_rlvr.config import OptimizerConfig
     from megatron_rlvr.parallel.model import make_trainable
-    from megatron_rlvr.rollout import SamplingConfig, build_rollout_engine
+    from megatron_rlvr.rollout import SamplingConfig
+    from megatron_rlvr.rollout.vllm_engine import VllmEngine
     from megatron_rlvr.sync.verify import SyncMismatchError
     from megatron_rlvr.sync.weight_sync import build_weight_sync
 
@@ -39,8 +40,8 @@ def _sync_worker(rank, world, kind, train_tp, rollout_tp, model_dir, prompts, wr
         with group_as_world(groups.trainer_group):  # megatron's optimizer set-up has world-wide collectives
             ddp, optimizer = make_trainable(model, groups.pg, OptimizerConfig(name="adam", lr=2e-2, clip_grad=0.0))
     # buckets of 16 KiB: the tiny model (~0.2 MB) travels in many buckets, so the pipelining is exercised
-    engine = build_rollout_engine("vllm", groups, model_dir, dtype=dtype, max_model_len=64, max_num_seqs=16,
-                                  cpu_plain_weights=plain)
+    engine = VllmEngine(groups, model_dir, dtype=dtype, max_model_len=64, max_num_seqs=16,
+                        cpu_plain_weights=plain)
     sync = build_weight_sync(engine, groups, bucket_mb=1 / 64)
     vocab = engine.arch.vocab_size
     sampling = SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=5)
