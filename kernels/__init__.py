@@ -1,6 +1,6 @@
 """Fused kernels for RLVR losses: token log-probs, entropy and KL over (vocab-parallel) logits, with Triton kernels
 and plain-torch twins chosen in `backend.py`. The trainer's passes use `token_logprobs` (`models/forward.py`) and
-`kl_estimate` (`algorithms/kl.py`); `linear_token_logprobs` is measured by `bench kernels`.
+`kl_estimate` (`algorithms/kl.py`); `linear_token_logprobs` where `model.fused_output_logprobs` is set.
 
 - `token_logprobs`: log-probs (and entropy) of labels from `[..., V_local]` logits.
 - `linear_token_logprobs`: the same from hidden states and the output weight, without a `[T, V]` buffer.

@@ -49,6 +49,10 @@ class ModelConfig:
     """Pad the vocab so each tensor-parallel shard is a multiple of this (padded rows are masked to -inf)."""
     recompute: bool = False
     """Full activation recomputation (stores layer inputs only; ~1/3 more compute)."""
+    fused_output_logprobs: bool = False
+    """Policy log-probs and entropy straight from the last hidden states and the output weight
+    (`kernels.linear_token_logprobs`, blocks of a bounded workspace): no `[tokens, vocab / TP]` logits buffer in any
+    pass of train, sft or dpo; false: the output layer's logits into `kernels.token_logprobs`."""
 
 
 @dataclasses.dataclass

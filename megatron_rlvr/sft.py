@@ -179,7 +179,8 @@ def run_sft(cfg: SFTConfig) -> dict:
         model.zero_grad_buffer()
         optimizer.zero_grad()
         stats = forward_backward(model, split_micro_batches(tokens, cfg.train.micro_batch_size, {"mask": mask}, lengths),
-                                 pg, valid_vocab_size=arch.vocab_size, loss_fn=loss_fn)
+                                 pg, valid_vocab_size=arch.vocab_size, loss_fn=loss_fn,
+                                 fused_output=cfg.model.fused_output_logprobs)
         _, grad_norm, _ = optimizer.step()
         loss = torch.tensor(float(sum(s["loss"] for s in stats)))
         dist.all_reduce(loss)  # the per-rank shares of the global loss add up; non-last stages add 0

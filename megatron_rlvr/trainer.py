@@ -371,7 +371,7 @@ def per_token(model, batch: RolloutBatch, pg, cfg: JobConfig, vocab: int, *, val
     mbs = micro_batches_of(batch, cfg)
     with torch.no_grad():
         out = forward_backward(model, mbs, pg, valid_vocab_size=vocab, temperature=cfg.rollout.temperature,
-                               value_model=value_model)
+                               value_model=value_model, fused_output=cfg.model.fused_output_logprobs)
     shape = batch.mask.shape
     full = None
     if out:
@@ -410,7 +410,8 @@ def update_policy(models: Models, batch: RolloutBatch, pg, cfg: JobConfig, vocab
     models.policy.zero_grad_buffer()
     models.optimizer.zero_grad()
     stats = forward_backward(models.policy, mbs, pg, valid_vocab_size=vocab, loss_fn=objective,
-                             temperature=cfg.rollout.temperature, want_entropy=True)
+                             temperature=cfg.rollout.temperature, want_entropy=True,
+                             fused_output=cfg.model.fused_output_logprobs)
     ok, grad_norm, _ = models.optimizer.step()
     if not stats:  # not the last pipeline stage
         return []

@@ -75,7 +75,7 @@ def local_sequence_logps(model, pairs: list[TokenPair], cfg: DPOConfig, pg, voca
 
     mbs = pair_micro_batches(pairs, cfg.train.micro_batch_size, device=current_platform().device())
     with torch.no_grad():
-        results = forward_backward(model, mbs, pg, valid_vocab_size=vocab)
+        results = forward_backward(model, mbs, pg, valid_vocab_size=vocab, fused_output=cfg.model.fused_output_logprobs)
     if not results:
         return None
     return torch.cat([(r["logprobs"] * mb.fields["mask"]).sum(-1) for r, mb in zip(results, mbs)]).view(-1, 2).float()
@@ -252,7 +252,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
         lr = set_lr(optimizer, cfg.train.optimizer, step, steps)
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        forward_backward(model, mbs, pg, valid_vocab_size=vocab, loss_fn=loss_fn)
+        forward_backward(model, mbs, pg, valid_vocab_size=vocab, loss_fn=loss_fn,
+                         fused_output=cfg.model.fused_output_logprobs)
         ok, grad_norm, _ = optimizer.step()
         stats = _reduce_stats(torch.stack(step_sums).sum(0) if step_sums else None, cfg.train.batch_size, pg)
         tokens = torch.tensor(float(sum(p.tokens for p in pairs)))

@@ -12,6 +12,7 @@ here, once, so gradients are those of the global loss whatever the TP/PP/DP layo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable, Optional
 
@@ -122,21 +123,51 @@ def scatter_rows(outputs: list[torch.Tensor], mbs: list[MicroBatch], shape) -> t
     return full
 
 
-def _logits_to_logprobs(logits, labels, tp_group, valid_vocab, temperature, want_entropy):
-    from megatron_rlvr.kernels import token_logprobs
+def _logits_to_logprobs(logits, labels, tp_group, valid_vocab, temperature, want_entropy, output_weight=None):
+    """Token log-probs (and entropy) of `logits` `[b, s, V/TP]`; with `output_weight` (this rank's vocab shard of
+    the output layer), `logits` are the last hidden states `[b, s, H]` and the log-probs come from them without
+    the logits buffer (`linear_token_logprobs`)."""
+    from megatron_rlvr.kernels import linear_token_logprobs, token_logprobs
 
     shape = labels.shape
-    result = token_logprobs(
-        logits.reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
-        temperature=temperature,
-        group=tp_group if tp_group.size() > 1 else None,
-        return_entropy=want_entropy,
-        valid_vocab_size=valid_vocab,
-    )
+    options = dict(temperature=temperature, group=tp_group if tp_group.size() > 1 else None,
+                   return_entropy=want_entropy, valid_vocab_size=valid_vocab)
+    if output_weight is not None:
+        result = linear_token_logprobs(logits.reshape(-1, logits.shape[-1]), output_weight, labels.reshape(-1),
+                                       **options)
+    else:
+        result = token_logprobs(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), **options)
     if want_entropy:
         return result[0].view(shape), result[1].view(shape)
     return result.view(shape), None
+
+
+@contextlib.contextmanager
+def _output_layer_returns_hidden(model, tp_group):
+    """While the model runs, its output layer hands back the last hidden states `[s, b, H]` (gathered over the
+    sequence-parallel ranks) instead of the logits, so `linear_token_logprobs` computes the log-probs from them
+    and the output weight. The kernel sums dL/dhidden over TP itself, so the gather's backward only splits."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    layer = unwrap(model).output_layer
+
+    def hidden_states(hidden, weight=None, runtime_gather_output=None):
+        if layer.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=tp_group)
+        return hidden, None
+
+    layer.forward = hidden_states
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
+def output_weight(model) -> torch.Tensor:
+    """This rank's vocab shard of the output layer's weight (the input embedding's when they are tied)."""
+    gpt = unwrap(model)
+    return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights \
+        else gpt.output_layer.weight
 
 
 def forward_backward(
@@ -150,16 +181,20 @@ def forward_backward(
     temperature: float = 1.0,
     want_entropy: bool = False,
     value_model: bool = False,
+    fused_output: bool = False,
 ) -> list[dict]:
     """Run the schedule over `micro_batches`; returns, on the last PP stage, one dict per micro-batch.
 
     Without `loss_fn` (forward only) each dict holds `logprobs` `[b, s-1]` (or `values` `[b, s-1]` for a value
     model). With it, the dicts are the `stats` returned by `loss_fn`, and gradients are accumulated into the
-    model (call the optimizer afterwards). Other PP stages get an empty list.
+    model (call the optimizer afterwards). Other PP stages get an empty list. `fused_output`: log-probs straight
+    from the last hidden states and the output weight (`model.fused_output_logprobs`), no `[b, s, V/TP]` logits.
     """
     num_mb = len(micro_batches)
     dp = pg.dp.size()
     last_stage = pg.pp.rank() == pg.pp.size() - 1
+    fused = fused_output and not value_model and last_stage
+    weight = output_weight(model) if fused else None
 
     def loss_func(mb: MicroBatch, output: torch.Tensor):
         if value_model:
@@ -171,7 +206,8 @@ def forward_backward(
             loss, stats = loss_fn(values, None, mb)
         else:
             logprobs, entropy = _logits_to_logprobs(
-                output[:, :-1], mb.labels, pg.tp, valid_vocab_size, temperature, want_entropy or loss_fn is None
+                output[:, :-1], mb.labels, pg.tp, valid_vocab_size, temperature, want_entropy or loss_fn is None,
+                weight,
             )
             if mb.lengths is not None:
                 logprobs = mb.unpack(logprobs)
@@ -192,9 +228,11 @@ def forward_backward(
         b, s = mb.tokens.shape
         pad = -s % multiple
         tokens = torch.nn.functional.pad(mb.tokens, (0, pad))
+        run = _output_layer_returns_hidden(model, pg.tp) if fused else contextlib.nullcontext()
         if mb.lengths is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand(b, -1)
-            output = model(tokens, position_ids, None)
+            with run:
+                output = model(tokens, position_ids, None)
         else:
             # the padding (if any) is one more sequence, so attention and RoPE stay within each real one
             lengths = torch.cat([mb.lengths, mb.lengths.new_full((1,), pad)]) if pad else mb.lengths
@@ -203,7 +241,8 @@ def forward_backward(
             cu = cu.to(tokens.device)
             params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                      max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))
-            output = model(tokens, position_ids, None, packed_seq_params=params)
+            with run:
+                output = model(tokens, position_ids, None, packed_seq_params=params)
         return output, lambda out, mb=mb: loss_func(mb, out[:, :s])
 
     schedule = get_forward_backward_func(pp_size=pg.pp.size())
