@@ -120,10 +120,15 @@ def _rank_process(proc, rank):
 def _finish(proc, seconds):
     try:
         out, _ = proc.communicate(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"the job did not end within {seconds} s:\n{out[-4000:]}")
+    except subprocess.TimeoutExpired as err:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:  # a worker that outlived the launcher can hold the pipe open: never wait on it unbounded
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out = (err.output or b"").decode(errors="replace") if isinstance(err.output, bytes) else (err.output or "")
+        raise AssertionError(f"the job did not end within {seconds} s (launcher status {proc.poll()}):\n"
+                             f"{out[-4000:]}")
     return out
 
 
