@@ -502,6 +502,21 @@ def _get(cfg: JobConfig, dotted: str) -> Any:
     return node
 
 
+def check_files(key: str, files: list[str], check_paths: bool, empty_fix: str | None) -> list[str]:
+    """The files listed under `key` that are not on this machine (ConfigError naming the first when `check_paths`);
+    an empty list is an error saying `empty_fix` when one is given."""
+    if not files and empty_fix:
+        raise ConfigError(f"{key} is empty: {empty_fix}")
+    missing = []
+    for path in files:
+        if not os.path.isfile(path):
+            if check_paths:
+                raise ConfigError(f"{key}: file {path!r} does not exist (paths in a config file are relative to the "
+                                  "working directory unless they start with ./ or ../)")
+            missing.append(path)
+    return missing
+
+
 def check_values(cfg: JobConfig) -> None:
     """ConfigError naming the key when a value is not one of its choices or is out of its range."""
     for key, choices in _CHOICES.items():

@@ -14,7 +14,7 @@ import os
 import yaml
 
 from megatron_rlvr.config import (CheckpointConfig, ConfigError, MetricsConfig, ModelConfig, OptimizerConfig,
-                                  ParallelConfig, _build, _resolve_relative, _set_dotted, parse_overrides)
+                                  ParallelConfig, _build, _resolve_relative, _set_dotted, check_files, parse_overrides)
 from megatron_rlvr.models.check import check_model_parallel, model_arch
 from megatron_rlvr.parallel.check import check_declared_world, check_parallel, policy_stage_layers
 
@@ -194,7 +194,7 @@ def validate_dpo(cfg: DPOConfig, world_size: int, *, check_paths: bool = True, m
         if pairs.temperature <= 0:
             raise ConfigError(f"pairs.temperature={pairs.temperature} must be > 0: identical greedy samples make "
                               "no pairs")
-        missing += _check_files("pairs.prompt_files", pairs.prompt_files, check_paths,
+        missing += check_files("pairs.prompt_files", pairs.prompt_files, check_paths,
                                 "list the RLVR records (messages, ground_truth, dataset) to sample")
         return missing
 
@@ -221,20 +221,7 @@ def validate_dpo(cfg: DPOConfig, world_size: int, *, check_paths: bool = True, m
     if cfg.train.batch_size % dp:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the data-parallel size "
                           f"{dp} (world {world_size} / TP {par.tensor_parallel} / PP {par.pipeline_parallel})")
-    missing += _check_files("data.train_files", cfg.data.train_files, check_paths,
+    missing += check_files("data.train_files", cfg.data.train_files, check_paths,
                             "list at least one JSONL file of preference records (chosen / rejected)")
-    missing += _check_files("data.eval_files", cfg.data.eval_files, check_paths, None)
-    return missing
-
-
-def _check_files(key: str, files: list[str], check_paths: bool, empty_fix: str | None) -> list[str]:
-    if not files and empty_fix:
-        raise ConfigError(f"{key} is empty: {empty_fix}")
-    missing = []
-    for path in files:
-        if not os.path.isfile(path):
-            if check_paths:
-                raise ConfigError(f"{key}: file {path!r} does not exist (paths in a config file are relative to the "
-                                  "working directory unless they start with ./ or ../)")
-            missing.append(path)
+    missing += check_files("data.eval_files", cfg.data.eval_files, check_paths, None)
     return missing
